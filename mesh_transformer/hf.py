@@ -1,0 +1,190 @@
+"""Import and export of HF `transformers` GPT-J folders (`config.json` + safetensors), so released weights can be
+fine-tuned here and our checkpoints load in `GPTJForCausalLM.from_pretrained`.
+
+Mapping (DESIGN section 5): Haiku Linear weights are (in, out), torch's are (out, in), so every matrix is
+transposed; HF has no embedding bias, so it is folded into `wte` (`wte = W + b`) on export and is zero on import.
+Reading and writing safetensors needs no torch; a legacy `pytorch_model.bin` is read with
+`torch.load(weights_only=True)` only (never unpickling arbitrary objects).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+import ml_dtypes
+import numpy as np
+
+from .config import Config, ConfigError, from_dict
+
+_BLOCK = "layers/block"
+# our (module, leaf) per layer -> (HF suffix under transformer.h.{i}., transpose)
+_LAYER_MAP = {
+    ("ln", "scale"): ("ln_1.weight", False),
+    ("ln", "offset"): ("ln_1.bias", False),
+    ("q", "w"): ("attn.q_proj.weight", True),
+    ("k", "w"): ("attn.k_proj.weight", True),
+    ("v", "w"): ("attn.v_proj.weight", True),
+    ("out", "w"): ("attn.out_proj.weight", True),
+    ("fc_in", "w"): ("mlp.fc_in.weight", True),
+    ("fc_in", "b"): ("mlp.fc_in.bias", False),
+    ("fc_out", "w"): ("mlp.fc_out.weight", True),
+    ("fc_out", "b"): ("mlp.fc_out.bias", False),
+}
+
+
+def hf_config_dict(cfg: Config, eos_token_id: int = 50256) -> dict:
+    """The `config.json` of a GPTJForCausalLM with our model's shapes."""
+    return {
+        "architectures": ["GPTJForCausalLM"],
+        "model_type": "gptj",
+        "vocab_size": cfg.n_vocab,
+        "n_positions": cfg.seq,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.layers,
+        "n_head": cfg.n_heads,
+        "rotary_dim": cfg.rotary_dims,
+        "n_inner": cfg.ffn_dim,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "use_cache": True,
+    }
+
+
+def config_from_hf(hf_cfg: dict, **overrides: Any) -> Config:
+    """Our Config from an HF GPT-J config.json dict (training keys take their defaults unless overridden)."""
+    if hf_cfg.get("model_type", "gptj") != "gptj":
+        raise ConfigError(f"HF config has model_type {hf_cfg.get('model_type')!r}; only 'gptj' folders can be loaded")
+    if hf_cfg.get("activation_function", "gelu_new") != "gelu_new":
+        raise ConfigError(f"HF config activation_function {hf_cfg['activation_function']!r} is not GPT-J's gelu_new")
+    d_model = hf_cfg["n_embd"]
+    raw = dict(layers=hf_cfg["n_layer"], d_model=d_model, n_heads=hf_cfg["n_head"], n_vocab=hf_cfg["vocab_size"],
+               seq=hf_cfg.get("n_positions", 2048), pe_rotary_dims=hf_cfg.get("rotary_dim"),
+               d_ff=hf_cfg.get("n_inner") or 4 * d_model)
+    raw.update(overrides)
+    return from_dict(raw, source="HF config.json")
+
+
+def to_hf_state_dict(cfg: Config, params: Any, dtype=np.float32) -> Dict[str, np.ndarray]:
+    """Our params -> HF GPT-J state dict of numpy arrays (torch layout)."""
+    p = {mod: {name: np.asarray(leaf, np.float32) for name, leaf in leaves.items()} for mod, leaves in params.items()}
+    out = {
+        "transformer.wte.weight": p["embedding"]["w"] + p["embedding"]["b"][None, :],
+        "transformer.ln_f.weight": p["projection/ln_f"]["scale"],
+        "transformer.ln_f.bias": p["projection/ln_f"]["offset"],
+        "lm_head.weight": p["projection/lm_head"]["w"].T,
+        "lm_head.bias": p["projection/lm_head"]["b"],
+    }
+    for (mod, name), (suffix, transpose) in _LAYER_MAP.items():
+        stacked = p[f"{_BLOCK}/{mod}"][name]  # [L, ...]
+        for i in range(cfg.layers):
+            leaf = stacked[i]
+            out[f"transformer.h.{i}.{suffix}"] = leaf.T if transpose else leaf
+    return {k: np.ascontiguousarray(v).astype(dtype) for k, v in out.items()}
+
+
+def from_hf_state_dict(cfg: Config, state: Dict[str, np.ndarray]) -> Any:
+    """HF GPT-J state dict (numpy) -> our params (float32 numpy)."""
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+    def get(key: str, shape: tuple) -> np.ndarray:
+        if key not in state:
+            raise KeyError(f"HF weights lack '{key}'; is this a GPT-J (GPTJForCausalLM) checkpoint?")
+        arr = np.asarray(state[key], np.float32)
+        if arr.shape != tuple(shape):
+            raise ValueError(f"HF weight '{key}' has shape {arr.shape}, the config needs {tuple(shape)}; "
+                             f"check config.json (n_embd, n_head, n_inner, vocab_size, n_layer)")
+        return arr
+
+    d, f, v, inner = cfg.d_model, cfg.ffn_dim, cfg.n_vocab, cfg.n_heads * cfg.d_head
+    params = {
+        "embedding": {"w": get("transformer.wte.weight", (v, d)), "b": np.zeros((d,), np.float32)},
+        "projection/ln_f": {"scale": get("transformer.ln_f.weight", (d,)),
+                            "offset": get("transformer.ln_f.bias", (d,))},
+        "projection/lm_head": {"w": get("lm_head.weight", (v, d)).T.copy(), "b": get("lm_head.bias", (v,))},
+    }
+    torch_shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.q_proj.weight": (inner, d),
+                    "attn.k_proj.weight": (inner, d), "attn.v_proj.weight": (inner, d),
+                    "attn.out_proj.weight": (d, inner), "mlp.fc_in.weight": (f, d), "mlp.fc_in.bias": (f,),
+                    "mlp.fc_out.weight": (d, f), "mlp.fc_out.bias": (d,)}
+    for (mod, name), (suffix, transpose) in _LAYER_MAP.items():
+        leaves = []
+        for i in range(cfg.layers):
+            arr = get(f"transformer.h.{i}.{suffix}", torch_shapes[suffix])
+            leaves.append(arr.T if transpose else arr)
+        params.setdefault(f"{_BLOCK}/{mod}", {})[name] = np.stack(leaves)
+    return params
+
+
+def _read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    single = os.path.join(hf_dir, "model.safetensors")
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return _load_safetensors(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(_load_safetensors(os.path.join(hf_dir, name)))
+        return state
+    legacy = os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.exists(legacy):
+        import torch  # only for the legacy pickle format, and only with weights_only=True
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        return {k: t.float().numpy() for k, t in tensors.items()}
+    del load_file
+    raise FileNotFoundError(f"{hf_dir} holds no model.safetensors, model.safetensors.index.json or "
+                            f"pytorch_model.bin; pass the folder an HF GPT-J was saved to")
+
+
+def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """Loads a safetensors file to numpy, reading bf16 through ml_dtypes (numpy has no bf16)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def load_hf_gptj(hf_dir: str, **config_overrides: Any):
+    """HF GPT-J folder -> (Config, params as float32 numpy)."""
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found; pass a folder saved by GPTJForCausalLM.save_pretrained "
+                                f"or by save_hf_gptj")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f), **config_overrides)
+    return cfg, from_hf_state_dict(cfg, _read_state_dict(hf_dir))
+
+
+def save_hf_gptj(cfg: Config, params: Any, out_dir: str, dtype: str = "float32",
+                 eos_token_id: int = 50256) -> None:
+    """Writes `config.json` + `model.safetensors` that `GPTJForCausalLM.from_pretrained(out_dir)` loads."""
+    from safetensors.numpy import save_file
+
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    os.makedirs(out_dir, exist_ok=True)
+    state = to_hf_state_dict(cfg, params, np_dtype)
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    config = hf_config_dict(cfg, eos_token_id)
+    config["torch_dtype"] = dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def torch_dtype_name(dtype: Optional[str]) -> str:
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype or "float32", dtype or "float32")
