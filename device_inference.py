@@ -1,0 +1,88 @@
+"""Answer a split's questions with a checkpoint and report accuracy; on the train split, also write the STaR
+training text of the correct (and rationalized) answers. The standalone form of one STaR generation/eval stage,
+with ezelikman/STaR's `device_inference.py` flags.
+
+  python device_inference.py --config run/iter_01.json --split dev --dataset_mode cqa --data-dir ../shared/data/star
+"""
+import argparse
+import json
+import logging
+import os
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", required=True, help="JSON config; its checkpoint folder (bucket/model_dir) is loaded")
+    a("--direct", action="store_true", help="answer directly, with the direct prompts (no rationale)")
+    a("--rationalize", action="store_true", help="retry wrong answers with the hinted prompt")
+    a("--no_prompt", action="store_true", help="no few-shot prompt in front of the questions")
+    a("--few_shot_train", action="store_true", help="save the few-shot prompt in front of each training example")
+    a("--show_hint_prompt", action="store_true", help="(original flag; the hinted prompt is always loaded here)")
+    a("--split", default="dev", help="train or dev")
+    a("--dataset_mode", default="cqa", help="cqa, gsm or arithmetic (also commonsenseqa, gsm8k)")
+    a("--data-dir", default=None, help="folder in the STaR repo layout (commonsenseqa/, gsm/)")
+    a("--n_train_samples", type=int, default=3000, help="train split: questions sampled (shuffled with --seed)")
+    a("--gen_length", type=int, default=96, help="maximum new tokens per answer")
+    a("--eval_batch_size", type=int, default=8, help="questions per generation batch")
+    a("--p_show_hint_save", type=float, default=0.0, help="share of rationalized examples saved with the hint")
+    a("--p_rationalization", type=float, default=None, help="share of wrong answers to rationalize "
+                                                            "(default: the config's p_rationalization, else 1)")
+    a("--ckpt_step", type=int, default=-1, help="checkpoint step to load; -1: the latest")
+    a("--ckpt", default=None, help="checkpoint folder (default: the config's bucket/model_dir)")
+    a("--eval_seq", type=int, default=-1, help="context length for generation; -1: the config's seq")
+    a("--out", default=None, help="JSONL of every answer (default: <split>_answers.jsonl beside target_save "
+                                  "or in the current folder)")
+    a("--seed", type=int, default=0, help="seed of the train sample and of the rationalization coin flips")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mesh_transformer.cli_util import setup_logging
+    setup_logging()
+    from mesh_transformer import checkpoint as ckpt
+    from mesh_transformer.config import load_config
+    from star.backend import GenerationSettings, JaxBackend
+    from star.rationales import PassOptions, accuracy_by_class, run_pass, summarize, training_text
+    from star.tasks import get_task
+
+    aliases = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
+    task = get_task(aliases.get(args.dataset_mode, args.dataset_mode), data_dir=args.data_dir, seed=args.seed)
+    cfg = load_config(args.config)
+    if args.eval_seq > 0:
+        cfg = cfg.replace(seq=args.eval_seq)
+    ckpt_path = args.ckpt or ckpt.checkpoint_dir(cfg)
+    backend = JaxBackend(cfg, None, GenerationSettings(batch_size=args.eval_batch_size, seed=args.seed))
+    step = None if args.ckpt_step < 0 else args.ckpt_step
+    params, _, loaded_step, _ = ckpt.load_checkpoint(ckpt_path, cfg, step=step, with_opt=False)
+    logging.info("loaded %s step %d", ckpt_path, loaded_step)
+
+    examples = task.load(args.split)
+    if args.split == "train":
+        import random
+        examples = list(examples)
+        random.Random(args.seed).shuffle(examples)
+        examples = examples[:args.n_train_samples]
+    p_rat = args.p_rationalization if args.p_rationalization is not None else (cfg.p_rationalization or 1.0)
+    opts = PassOptions(rationalize=args.rationalize and args.split == "train", p_rationalization=p_rat,
+                       p_show_hint_save=args.p_show_hint_save, few_shot_train=args.few_shot_train,
+                       no_prompt=args.no_prompt, direct=args.direct, gen_length=args.gen_length,
+                       chunk_size=args.eval_batch_size, seed=args.seed, desc=args.split)
+    target_dir = os.path.dirname(cfg.target_save) if cfg.target_save else "."
+    out = args.out or os.path.join(target_dir, f"{args.split}_answers.jsonl")
+    records = run_pass(task, examples, backend.generate_fn(params), opts, out)
+    if args.split == "train" and cfg.target_save:
+        by_id = {ex.id: ex for ex in examples}
+        os.makedirs(os.path.dirname(cfg.target_save) or ".", exist_ok=True)
+        text = "".join(training_text(task, r, by_id[r["id"]], opts) for r in records if r["keep"])
+        tmp = cfg.target_save + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, cfg.target_save)
+        logging.info("wrote %s", cfg.target_save)
+    print(json.dumps({"split": args.split, "accuracy": accuracy_by_class(records), **summarize(records)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

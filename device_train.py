@@ -1,0 +1,41 @@
+"""Fine-tune or train a GPT-J on TFRecords, as mesh-transformer-jax's `device_train.py` (same flags and configs).
+
+  python device_train.py --config configs/example_config.json --tune-model-path gs://bucket/step_383500/
+Without --tune-model-path it resumes from the config's checkpoint folder (gs://{bucket}/{model_dir}, or model_dir
+as a local path or URL when bucket is empty) when that holds a checkpoint, and starts from scratch otherwise.
+"""
+import argparse
+import logging
+
+from mesh_transformer.cli_util import setup_logging
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True,
+                   help="JSON config with the mtj keys (e.g. configs/example_config.json) or a preset name (tiny)")
+    p.add_argument("--tune-model-path", default=None,
+                   help="v1 checkpoint folder (local or gs://, the folder holding meta.json) to fine-tune from; "
+                        "the LR schedule restarts at step 0, as the original")
+    p.add_argument("--fresh-opt", action="store_true", default=False,
+                   help="with --tune-model-path: start with a fresh Adam state instead of the checkpoint's")
+    p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation")
+    p.add_argument("--total-steps", type=int, default=None, help="override the config's total_steps")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs and metrics JSONL still written)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    from mesh_transformer.config import load_config
+    from mesh_transformer.finetune import RunOptions, train
+
+    cfg = load_config(args.config)
+    state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
+                                  total_steps=args.total_steps, progress=not args.no_progress))
+    logging.getLogger("device_train").info("done at step %d", int(state.step))
+
+
+if __name__ == "__main__":
+    main()

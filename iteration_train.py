@@ -1,0 +1,132 @@
+"""STaR: the outer loop of ezelikman/STaR's `iteration_train.py`, in one process.
+
+With no arguments it runs the demo: STaR with rationalization on 1-3 digit addition (Nye et al. scratchpads), a tiny
+GPT-J and the byte tokenizer, on the CPU, no downloads, starting from the small base model shipped in
+assets/arithmetic_base (made by `python scripts/pretrain_arithmetic_base.py`). Each iteration: generate rationales
+with M(n-1), keep the correct ones, rationalize the wrong ones with the answer as a hint, pack the kept ones to
+TFRecords (loss on the completion only), fine-tune the BASE model for steps(n), evaluate on held-out questions.
+
+The experiment folder (--out-dir) gets results.md, accuracy.png and per iteration the rationale JSONL, training text,
+TFRecords, checkpoint and metrics. Killed at any stage, the same command continues where it stopped.
+
+  python iteration_train.py                                    # the CPU demo
+  python iteration_train.py --task commonsenseqa --data-dir ../shared/data/star --config configs/qa_base.json \\
+      --base_model_location gs://checkpoint-bucket/step_383500/ --rationalize --exponential_grow --max-steps 7912
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# Per-task defaults for flags the user does not give. commonsenseqa / gsm8k keep the original script's defaults;
+# arithmetic is the CPU demo.
+TASK_DEFAULTS = {
+    "arithmetic": dict(config=os.path.join(REPO, "configs", "star_arithmetic_tiny.json"),
+                       base_model_location=os.path.join(REPO, "assets", "arithmetic_base"),
+                       out_dir="runs/star_arithmetic", rationalize=True, n_iters=4, n_train_samples=400,
+                       n_dev_samples=300, gen_length=120, gradient_accumulation_steps=1, steady_grow=True,
+                       start_steps=60, add_steps=20, eval_batch_size=100),
+    "commonsenseqa": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
+                          base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_commonsenseqa",
+                          rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96,
+                          gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8),
+    "gsm8k": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
+                  base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_gsm8k",
+                  rationalize=False, n_iters=64, n_train_samples=10000, gen_length=256,
+                  gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8),
+}
+TASK_ALIASES = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--task", default="arithmetic",
+      help="arithmetic (default: the CPU demo), commonsenseqa (cqa) or gsm8k (gsm)")
+    a("--config", default=None, help="model/training JSON config (mtj keys); default per task, e.g. "
+                                     "configs/star_arithmetic_tiny.json for arithmetic, configs/qa_base.json otherwise")
+    a("--data-dir", default=None, help="folder in the STaR repo layout (commonsenseqa/..., gsm/...) for the real "
+                                       "tasks, e.g. ../shared/data/star; not needed for arithmetic")
+    a("--out-dir", default=None, help="experiment folder (default runs/star_<task>)")
+    a("--tokenizer", default=None, help="override the config's tokenizer: 'byte', 'gpt2' or a folder with vocab.json "
+                                        "and merges.txt")
+    a("--base_model_location", default=None,
+      help="base model: a v1 checkpoint folder (local or gs://), an HF GPT-J folder, or 'random'")
+    a("--rationalize", action=argparse.BooleanOptionalAction, default=None,
+      help="retry wrong answers with the answer as a hint (default: on for arithmetic, off otherwise, as the original)")
+    a("--p_rationalization", type=float, default=1.0, help="share of wrong examples to rationalize")
+    a("--p_show_hint_save", type=float, default=0.0, help="share of rationalized examples saved WITH the hint")
+    a("--few_shot_train", action="store_true", help="save the few-shot prompt in front of each training example")
+    a("--no_prompt", action="store_true", help="after iteration 1, generate without the few-shot prompt")
+    a("--direct", action="store_true", help="answer directly, without rationales (the direct baseline)")
+    a("--n_iters", type=int, default=None, help="number of outer-loop iterations")
+    a("--start_iter", type=int, default=1, help="first iteration to run (earlier ones must exist in --out-dir)")
+    a("--n_train_samples", type=int, default=None, help="training questions sampled per iteration")
+    a("--n_dev_samples", type=int, default=None, help="evaluate on the first N dev questions only (default: all)")
+    a("--gen_length", type=int, default=None, help="maximum new tokens per rationale")
+    a("--gradient_accumulation_steps", type=int, default=None, help="micro-batches per optimizer step")
+    a("--exponential_grow", action="store_true", help="steps(n) = start_steps * grow_steps**(n-1) (the paper's)")
+    a("--steady_grow", action=argparse.BooleanOptionalAction, default=None,
+      help="steps(n) = start_steps + add_steps*(n-1) (default on for arithmetic)")
+    a("--start_steps", type=float, default=None, help="steps of the first iteration (grow modes)")
+    a("--add_steps", type=float, default=None, help="steps added per iteration (steady mode)")
+    a("--grow_steps", type=float, default=1.2, help="growth factor per iteration (exponential mode)")
+    a("--base_epochs", type=float, default=1.0, help="epochs of the first iteration (epoch mode, the default "
+                                                      "when neither grow flag is set)")
+    a("--add_epochs", type=float, default=0.2, help="epochs added per iteration (epoch mode)")
+    a("--sequence_count", type=int, default=10, help="examples per sequence on average (epoch mode)")
+    a("--copy_n", type=int, default=0, help="also train on the last N examples of the previous iteration")
+    a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
+      help="cap on steps per iteration (the paper capped GSM8K at 7912)")
+    a("--eval_batch_size", type=int, default=None, help="questions per generation batch")
+    a("--temperature", type=float, default=0.0, help="sampling temperature of rationales (0 = greedy, as the paper)")
+    a("--verify_rationales", action="store_true",
+      help="drop kept rationales whose checkable steps are wrong (arithmetic lines, GSM8K <<a*b=c>> annotations)")
+    a("--seed", type=int, default=0, help="seed of the question sampling and of the rationalization coin flips")
+    a("--dry_run", action="store_true", help="print the plan, run nothing")
+    a("--skip_eval", action="store_true", help="do not evaluate on dev")
+    a("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    args = p.parse_args(argv)
+    args.task = TASK_ALIASES.get(args.task, args.task)
+    if args.task not in TASK_DEFAULTS:
+        p.error(f"--task {args.task!r} does not exist; choose one of {', '.join(TASK_DEFAULTS)} (or cqa, gsm)")
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mesh_transformer.cli_util import setup_logging
+    setup_logging()
+    from mesh_transformer.config import load_config
+    from star.backend import GenerationSettings, JaxBackend
+    from star.loop import StarOptions, StarRun
+    from star.tasks import get_task
+
+    cfg = load_config(args.config)
+    if args.tokenizer:
+        cfg = cfg.replace(tokenizer=args.tokenizer)
+    cfg = cfg.replace(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    fields = {f for f in StarOptions.__dataclass_fields__}
+    opts = StarOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    os.makedirs(opts.out_dir, exist_ok=True)
+    with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
+        json.dump({"argv": sys.argv[1:], "options": vars(args), "model_config": cfg.to_dict()}, f, indent=2)
+    task = get_task(args.task, data_dir=args.data_dir, seed=args.seed)
+    backend = JaxBackend(cfg, args.base_model_location,
+                         GenerationSettings(temperature=args.temperature, batch_size=args.eval_batch_size,
+                                            seed=args.seed), progress=args.progress)
+    rows = StarRun(opts, task, backend).run()
+    logging.getLogger("star").info("done: %d iterations; see %s", len(rows),
+                                   os.path.join(opts.out_dir, "results.md"))
+    with open(os.path.join(opts.out_dir, "results.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The training loop behind `device_train.py` and STaR's per-iteration fine-tuning.
+
+Follows mtj's `device_train.py`: start from a tuned checkpoint (`--tune-model-path`, schedule restarted), or resume
+from the config's own checkpoint folder (`meta.json`, loader state included), or start fresh; checkpoint every
+`ckpt_every` steps and at the end; validate every `val_every` steps over `val_batches` batches per val set. Resumed
+runs reproduce the uninterrupted run: the loader state and the full optimizer state are part of every checkpoint, and
+metrics lines past the resumed step are dropped before new ones are appended, so nothing is written twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config
+from .train import Trainer, TrainState, device_peak_flops, mfu
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunOptions:
+    tune_model_path: Optional[str] = None  # fine-tune from this v1 checkpoint folder (schedule restarts at 0)
+    fresh_opt: bool = False  # with tune_model_path: ignore its Adam state
+    init_params: Any = None  # start from these params (host arrays) instead of a checkpoint or random init
+    ckpt_path: Optional[str] = None  # default: checkpoint.checkpoint_dir(cfg)
+    metrics_path: Optional[str] = None  # default: {ckpt_path}/metrics.jsonl when local, else ./logs/{name}.jsonl
+    total_steps: Optional[int] = None  # default: cfg.total_steps
+    seed: int = 0
+    slim_final: bool = False  # write the last checkpoint without optimizer state (bf16 params)
+    progress: bool = True
+    desc: str = "train"
+
+
+def _metrics_path(cfg: Config, ckpt_path: str, explicit: Optional[str]) -> str:
+    if explicit:
+        return explicit
+    if "://" not in ckpt_path:
+        return os.path.join(ckpt_path, "metrics.jsonl")
+    return os.path.join("logs", f"{cfg.name}.metrics.jsonl")
+
+
+def _truncate_metrics(path: str, after_step: int) -> None:
+    """Drops lines of steps > after_step (written by a run that crashed before its next checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; optional wandb when installed and a project is configured."""
+
+    def __init__(self, path: str, cfg: Config):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._wandb = None
+        if cfg.wandb_project and os.environ.get("WANDB_MODE") != "disabled" and os.environ.get("WANDB_API_KEY"):
+            try:
+                import wandb  # optional
+                self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=cfg.to_dict())
+            except Exception as e:  # pragma: no cover - optional dependency
+                log.warning("wandb not used: %s", e)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:  # pragma: no cover
+            self._wandb.log(record, step=record.get("step"))
+
+
+def _to_host(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(x), tree)
+
+
+def _make_loader(cfg: Config, index: str, train: bool, batch: int, ga: int, state: Optional[dict] = None):
+    from tfrecord_utils.loader import TFRecordLoader
+    loader = TFRecordLoader(index, batch_shape=(ga, batch), seq=cfg.seq, train=train)
+    if state:
+        loader.set_state(state)
+    return loader
+
+
+def _global_batch(cfg: Config, trainer: Trainer) -> int:
+    return cfg.per_replica_batch * trainer.mesh.shape["dp"]
+
+
+def evaluate(trainer: Trainer, params: Any, cfg: Config, batch: int) -> Dict[str, float]:
+    """Mean loss over `val_batches` batches of each val set (one pass at most)."""
+    results = {}
+    for name, index in (cfg.val_set or {}).items():
+        loader = _make_loader(cfg, index, train=False, batch=batch, ga=1)
+        losses = []
+        for i, b in enumerate(loader):
+            if cfg.val_batches and i >= cfg.val_batches:
+                break
+            out = trainer.eval_step(params, {k: v[0] for k, v in b.items()})
+            losses.append(float(out["loss"]))
+        if losses:
+            results[f"val/{name}/loss"] = float(np.mean(losses))
+    return results
+
+
+def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Trainer] = None,
+          on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainState:
+    """Runs training to `total_steps` and returns the final state (checkpoints written on the way)."""
+    trainer = trainer or Trainer(cfg)
+    ckpt_path = options.ckpt_path or ckpt.checkpoint_dir(cfg)
+    total_steps = options.total_steps if options.total_steps is not None else cfg.total_steps
+    batch = _global_batch(cfg, trainer)
+    ga = cfg.gradient_accumulation_steps
+
+    loader_state = None
+    resumed = ckpt.latest_step(ckpt_path)  # an interrupted run of this config resumes first
+    if resumed is not None:
+        params, opt_state, step, aux = ckpt.load_checkpoint(ckpt_path, cfg, step=resumed, with_opt=True)
+        state = trainer.state_from_params(params, opt_state, step)
+        loader_state = (aux or {}).get("train_loader")
+        log.info("resuming %s from step %d", ckpt_path, step)
+    elif options.tune_model_path:
+        params, opt_state, _, _ = ckpt.load_checkpoint(options.tune_model_path, cfg, with_opt=not options.fresh_opt)
+        state = trainer.state_from_params(params, None if options.fresh_opt else opt_state, 0)
+        log.info("fine-tuning from %s (optimizer state %s)", options.tune_model_path,
+                 "fresh" if options.fresh_opt or opt_state is None else "loaded")
+    elif options.init_params is not None:
+        state = trainer.state_from_params(options.init_params)
+    else:
+        state = trainer.init_state(jax.random.PRNGKey(options.seed))
+    start = int(state.step)
+
+    metrics_path = _metrics_path(cfg, ckpt_path, options.metrics_path)
+    _truncate_metrics(metrics_path, start)
+    writer = MetricsWriter(metrics_path, cfg)
+    if not cfg.train_set:
+        raise ValueError("config has no 'train_set': set it to a TFRecord index file (see create_finetune_tfrecords.py)")
+    loader = _make_loader(cfg, cfg.train_set, train=True, batch=batch, ga=ga, state=loader_state)
+    peak = device_peak_flops()
+
+    def save(step: int, final: bool = False) -> None:
+        ckpt.save_checkpoint(ckpt_path, state if not (final and options.slim_final) else state.params, step, cfg,
+                             slim=final and options.slim_final, aux={"train_loader": loader.get_state()},
+                             keep_n=cfg.keep_n, keep_every=cfg.keep_every or None)
+
+    bar = tqdm(total=total_steps, initial=start, desc=options.desc, disable=not options.progress, dynamic_ncols=True)
+    step = start
+    t_last = time.time()
+    while step < total_steps:
+        batch_np = next(loader)
+        state, out = trainer.train_step(state, batch_np)
+        step += 1
+        out = {k: float(v) for k, v in out.items()}
+        now = time.time()
+        dt, t_last = now - t_last, now
+        tokens = ga * batch * cfg.seq
+        record = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                  "tokens_per_s": tokens / dt, "mfu": mfu(cfg, tokens / dt, peak), "time": now}
+        if cfg.val_every and step % cfg.val_every == 0 and cfg.val_set:
+            record.update(evaluate(trainer, state.params, cfg, batch))
+        writer.write(record)
+        bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens / dt:,.0f}")
+        bar.update(1)
+        if on_step:
+            on_step(step, record)
+        if step < total_steps and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            save(step)
+    bar.close()
+    if step > start or ckpt.latest_step(ckpt_path) is None:
+        save(step, final=True)
+    return state

@@ -1,0 +1,215 @@
+"""The STaR outer loop (ezelikman/STaR `iteration_train.py`), in one process.
+
+Iteration n: M(n-1) (the base when n = 1) answers the training questions -> keep the correct rationales, rationalize
+the wrong ones with the hint -> write the kept examples as text -> pack to TFRecords with a completion loss mask ->
+fine-tune THE BASE model for steps(n) -> M(n) -> evaluate M(n) on dev -> record. Iteration 0 evaluates the base.
+
+Everything an iteration makes lives in `{out_dir}/iter_{n:02d}/`; each stage leaves a file that says it finished, so
+the same command, rerun after a kill, continues where it stopped and never appends an example twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from typing import Any, List, Optional
+
+from . import report
+from .rationales import PassOptions, accuracy_by_class, run_pass, summarize, training_text
+
+log = logging.getLogger("star")
+
+
+@dataclasses.dataclass
+class StarOptions:
+    task: str = "arithmetic"
+    data_dir: Optional[str] = None
+    out_dir: str = "runs/star"
+    rationalize: bool = False
+    p_rationalization: float = 1.0
+    p_show_hint_save: float = 0.0
+    few_shot_train: bool = False
+    no_prompt: bool = False
+    direct: bool = False
+    n_iters: int = 64
+    start_iter: int = 1
+    n_train_samples: int = 10000
+    gen_length: int = 96
+    gradient_accumulation_steps: int = 8
+    exponential_grow: bool = False
+    steady_grow: bool = False
+    start_steps: float = 40.0
+    add_steps: float = 20.0
+    grow_steps: float = 1.2
+    base_epochs: float = 1.0
+    add_epochs: float = 0.2
+    sequence_count: int = 10
+    copy_n: int = 0
+    max_steps: Optional[int] = None
+    dry_run: bool = False
+    skip_eval: bool = False
+    eval_base: bool = True
+    n_dev_samples: Optional[int] = None
+    eval_batch_size: int = 64
+    verify_rationales: bool = False
+    n_samples: int = 1  # rationales sampled per question (1 = greedy, as the original)
+    temperature: float = 0.0
+    seed: int = 0
+    progress: bool = True
+    task_options: dict = dataclasses.field(default_factory=dict)
+
+
+def n_steps(opts: StarOptions, iteration: int, n_examples: int) -> int:
+    """Fine-tuning steps of iteration n (1-based), as the original's get_n_steps, capped by max_steps.
+
+    exponential: int(start * grow**(n-1)); steady: int(start + add*(n-1)); otherwise epochs over the kept examples:
+    int(n_examples * (base_epochs + add_epochs*(n-1)) // (GA * sequence_count)). The original counted examples by
+    splitting the text on blank lines, which counts a file of concatenated CQA examples as one; we count examples.
+    """
+    if opts.steady_grow:
+        steps = int(opts.start_steps + opts.add_steps * (iteration - 1))
+    elif opts.exponential_grow:
+        steps = int(opts.start_steps * (opts.grow_steps ** (iteration - 1)))
+    else:
+        epochs = opts.base_epochs + opts.add_epochs * (iteration - 1)
+        steps = int(n_examples * epochs // (opts.gradient_accumulation_steps * opts.sequence_count))
+    if opts.max_steps is not None:
+        steps = min(steps, opts.max_steps)
+    return steps
+
+
+def iter_dir(opts: StarOptions, n: int) -> str:
+    return os.path.join(opts.out_dir, f"iter_{n:02d}")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class StarRun:
+    """Runs the loop. `backend` supplies the model: `base_params()`, `load_params(ckpt_dir)`,
+    `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir)` and `pack(text_path, out_dir)`."""
+
+    def __init__(self, opts: StarOptions, task, backend, title: Optional[str] = None):
+        self.opts, self.task, self.backend = opts, task, backend
+        self.title = title or f"STaR on {opts.task}"
+        os.makedirs(opts.out_dir, exist_ok=True)
+        self.results_path = os.path.join(opts.out_dir, "results.json")
+        self.train_examples = task.load("train")
+        self.dev_examples = task.load("dev")
+        if opts.n_dev_samples:
+            self.dev_examples = self.dev_examples[:opts.n_dev_samples]
+
+    # ------------------------------------------------------------------ stages
+    def _pass_options(self, n: int, split: str) -> PassOptions:
+        o = self.opts
+        return PassOptions(rationalize=o.rationalize and split == "train", p_rationalization=o.p_rationalization,
+                           p_show_hint_save=o.p_show_hint_save, few_shot_train=o.few_shot_train,
+                           no_prompt=o.no_prompt and n > 1, direct=o.direct, gen_length=o.gen_length,
+                           chunk_size=o.eval_batch_size, seed=o.seed * 1000 + n, verify=o.verify_rationales,
+                           progress=o.progress, desc=f"iter {n} {split}")
+
+    def sample_train(self, n: int) -> List[Any]:
+        """The original shuffles the train split and takes n_train_samples, anew each iteration."""
+        examples = list(self.train_examples)
+        random.Random(self.opts.seed * 1000 + n).shuffle(examples)
+        return examples[:self.opts.n_train_samples]
+
+    def evaluate(self, n: int, params) -> dict:
+        d = iter_dir(self.opts, n)
+        done = _read_json(os.path.join(d, "eval.json"))
+        if done is not None:
+            return done
+        records = run_pass(self.task, self.dev_examples, self.backend.generate_fn(params),
+                           self._pass_options(n, "dev"), os.path.join(d, "eval.jsonl"))
+        result = {"accuracy": accuracy_by_class(records), "n": len(records)}
+        _write_atomic(os.path.join(d, "eval.json"), json.dumps(result, indent=2))
+        return result
+
+    def generate(self, n: int, params) -> dict:
+        """Rationales of M(n-1) on this iteration's training questions -> {d}/train.txt; returns the summary."""
+        d = iter_dir(self.opts, n)
+        summary = _read_json(os.path.join(d, "generation.json"))
+        if summary is not None:
+            return summary
+        examples = self.sample_train(n)
+        by_id = {ex.id: ex for ex in examples}
+        opts = self._pass_options(n, "train")
+        records = run_pass(self.task, examples, self.backend.generate_fn(params), opts,
+                           os.path.join(d, "rationales.jsonl"))
+        texts = [training_text(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
+        if self.opts.copy_n and n > 1:  # the original copied the last copy_n files of the previous iteration
+            prev = os.path.join(iter_dir(self.opts, n - 1), "train.txt")
+            if os.path.exists(prev):
+                with open(prev) as f:
+                    texts = [t + "<|endoftext|>" for t in f.read().split("<|endoftext|>") if t][-self.opts.copy_n:] + texts
+        _write_atomic(os.path.join(d, "train.txt"), "".join(texts))
+        summary = summarize(records)
+        _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
+        return summary
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> List[dict]:
+        o = self.opts
+        rows = {r["iteration"]: r for r in report.load_results(self.results_path)}
+        base = self.backend.base_params()
+        if o.eval_base and not o.skip_eval and 0 not in rows and not o.dry_run:
+            t0 = time.time()
+            os.makedirs(iter_dir(o, 0), exist_ok=True)
+            ev = self.evaluate(0, base)
+            rows[0] = {"iteration": 0, "steps": 0, "dev_accuracy": ev["accuracy"], "seconds": time.time() - t0}
+            self._save(rows)
+        prev_params = base
+        for n in range(max(1, o.start_iter), o.n_iters + 1):
+            d = iter_dir(o, n)
+            if n in rows and rows[n].get("complete"):
+                prev_params = None  # loaded lazily if a later iteration needs generation
+                continue
+            if prev_params is None:
+                prev_params = self.backend.load_params(os.path.join(iter_dir(o, n - 1), "ckpt")) if n > 1 else base
+            os.makedirs(d, exist_ok=True)
+            t0 = time.time()
+            log.info("iteration %d: generating with %s", n, "the base model" if n == 1 else f"M({n - 1})")
+            if o.dry_run:
+                log.info("dry run: would generate, pack, train and evaluate iteration %d", n)
+                continue
+            gen = self.generate(n, prev_params)
+            row = {"iteration": n, "train": gen}
+            if gen["kept"] == 0:
+                log.warning("iteration %d kept no examples: nothing to fine-tune on; skipping it", n)
+                row.update(steps=0, skipped=True, complete=True, seconds=time.time() - t0)
+                rows[n] = row
+                self._save(rows)
+                continue
+            index = self.backend.pack(os.path.join(d, "train.txt"), os.path.join(d, "records"))
+            steps = n_steps(o, n, gen["kept"])
+            row["steps"] = steps
+            params = self.backend.finetune(base, index, steps, os.path.join(d, "ckpt"), desc=f"iter {n} train")
+            if not o.skip_eval:
+                row["dev_accuracy"] = self.evaluate(n, params)["accuracy"]
+            row.update(complete=True, seconds=time.time() - t0)
+            rows[n] = row
+            self._save(rows)
+            prev_params = params
+        return [rows[k] for k in sorted(rows)]
+
+    def _save(self, rows: dict) -> None:
+        ordered = [rows[k] for k in sorted(rows)]
+        report.save_results(self.results_path, ordered)
+        o = self.opts
+        notes = {"task": o.task, "rationalize": o.rationalize, "train questions per iteration": o.n_train_samples,
+                 "dev questions": len(self.dev_examples)}
+        report.write_report(o.out_dir, ordered, self.title, notes)

@@ -1,0 +1,196 @@
+"""Generate -> parse -> filter -> rationalize: one STaR pass over a list of questions (ezelikman/STaR
+`device_inference.py`, `eval_examples`/`eval_output`).
+
+Each question is answered with the few-shot prompt; a correct answer keeps its rationale. With rationalization, a
+wrong question is retried (with probability `p_rationalization`) with the hinted prompt, and a now-correct rationale
+is kept with the hint removed from the saved text (kept with probability `p_show_hint_save`). Saved training text =
+(few-shot prompt if few_shot_train) + question + completion + "<|endoftext|>".
+
+Differences from the original, on purpose: every example is evaluated (the original dropped a final partial batch
+and left leftover hint examples unrationalized); the random choices are drawn per example from (seed, example id),
+so a resumed run makes the same choices; results stream to a JSONL, one line per example, so a killed run resumes
+without repeating or duplicating work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from .verify import verify as verify_steps
+
+EOT = "<|endoftext|>"
+
+# generate_fn(prompts, shared_prefix, max_new_tokens, stop) -> completions (text after each prompt).
+# `shared_prefix` is the few-shot text every prompt starts with ("" when none); prompts exclude it.
+GenerateFn = Callable[[Sequence[str], str, int, Sequence[str]], List[str]]
+
+
+@dataclasses.dataclass
+class PassOptions:
+    rationalize: bool = False
+    p_rationalization: float = 1.0
+    p_show_hint_save: float = 0.0
+    few_shot_train: bool = False
+    no_prompt: bool = False
+    direct: bool = False
+    gen_length: int = 96
+    chunk_size: int = 64  # questions per generate call (and per flush to disk)
+    seed: int = 0
+    verify: bool = False  # drop kept rationales whose checkable steps are wrong (star.verify)
+    progress: bool = True
+    desc: str = "generate"
+
+
+def _coin(seed: int, key: str, salt: str) -> float:
+    """A uniform draw that depends only on (seed, example, purpose), so resumed runs draw the same."""
+    return random.Random(f"{seed}:{salt}:{key}").random()
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """Reads a JSONL file written by this module; a torn last line (crash mid-write) is dropped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # the last, unterminated line of a crashed write
+                break
+            raise ValueError(f"{path} line {i + 1} is not valid JSON; delete the file to regenerate it")
+    return records
+
+
+def _rewrite_jsonl(path: str, records: Iterable[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _generate_records(task, examples, generate_fn: GenerateFn, opts: PassOptions, hint: bool,
+                      out_path: str, done: Dict[str, dict], bar) -> None:
+    """Answers `examples` (hinted or not), appending one record per example to out_path in chunks."""
+    prompt = "" if opts.no_prompt else task.few_shot_prompt(hint=hint, direct=opts.direct)
+    todo = [ex for ex in examples if _record_key(ex.id, hint) not in done]
+    for start in range(0, len(todo), opts.chunk_size):
+        chunk = todo[start:start + opts.chunk_size]
+        questions = [task.format_question(ex, hint=hint) for ex in chunk]
+        completions = generate_fn(questions, prompt, opts.gen_length, task.stop)
+        lines = []
+        for ex, question, completion in zip(chunk, questions, completions):
+            record = _judge(task, ex, completion, hint, opts)
+            done[_record_key(ex.id, hint)] = record
+            lines.append(json.dumps(record) + "\n")
+        with open(out_path, "a") as f:  # one write per chunk; a torn tail is dropped on read
+            f.writelines(lines)
+        bar.update(len(chunk))
+
+
+def _record_key(example_id: str, hint: bool) -> str:
+    return f"{example_id}{'_r' if hint else ''}"
+
+
+def _judge(task, ex, completion: str, hint: bool, opts: PassOptions) -> dict:
+    completion = completion.split(EOT)[0]
+    completion = task.trim_completion(completion) if hasattr(task, "trim_completion") else completion
+    pred = task.parse_answer(completion)
+    correct = pred is not None and task.is_correct(pred, ex)
+    record = {"id": ex.id, "key": _record_key(ex.id, hint), "class": task.answer_class(ex),
+              "question": task.format_question(ex, hint=False), "completion": completion, "pred": pred,
+              "gold": ex.gold, "correct": bool(correct), "rationalized": hint}
+    record["steps_ok"] = verify_steps(task.name, ex, completion)  # None where steps cannot be checked
+    return record
+
+
+def training_text(task, record: dict, ex, opts: PassOptions) -> str:
+    """The saved example: hint-less question (hinted with p_show_hint_save) + completion + EOT."""
+    hinted = record["rationalized"] and _coin(opts.seed, ex.id, "show_hint") < opts.p_show_hint_save
+    question = task.format_question(ex, hint=hinted)
+    prefix = task.few_shot_prompt(hint=False, direct=opts.direct) if opts.few_shot_train else ""
+    return prefix + question + record["completion"] + EOT
+
+
+def run_pass(task, examples: Sequence, generate_fn: GenerateFn, opts: PassOptions, out_path: str) -> List[dict]:
+    """Generates (and rationalizes) for every example; returns one final record per example, in input order.
+
+    `out_path` (JSONL) holds every attempt; existing lines are reused, so calling again after a crash continues.
+    A final record carries `keep` (True when its rationale goes into the training set).
+    """
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    existing = read_jsonl(out_path)
+    done = {r["key"]: r for r in existing}
+    if len(done) != len(existing) or (existing and os.path.getsize(out_path) and not _ends_with_newline(out_path)):
+        _rewrite_jsonl(out_path, done.values())  # drop a torn tail or duplicates before appending
+    bar = tqdm(total=len(examples), initial=sum(1 for ex in examples if _record_key(ex.id, False) in done),
+               desc=opts.desc, disable=not opts.progress, dynamic_ncols=True)
+    _generate_records(task, examples, generate_fn, opts, False, out_path, done, bar)
+    bar.close()
+    if opts.rationalize:
+        wrong = [ex for ex in examples if _needs_hint(done, ex, opts)]
+        bar = tqdm(total=len(wrong), initial=sum(1 for ex in wrong if _record_key(ex.id, True) in done),
+                   desc=opts.desc + " (rationalize)", disable=not opts.progress, dynamic_ncols=True)
+        _generate_records(task, wrong, generate_fn, opts, True, out_path, done, bar)
+        bar.close()
+    final = []
+    for ex in examples:
+        first = done[_record_key(ex.id, False)]
+        record = first
+        if not first["correct"] and _record_key(ex.id, True) in done:
+            record = done[_record_key(ex.id, True)]
+        keep = bool(record["correct"])
+        if keep and opts.verify and record.get("steps_ok") is False:
+            keep = False
+        final.append({**record, "keep": keep, "first_correct": first["correct"]})
+    return final
+
+
+def _needs_hint(done: Dict[str, dict], ex, opts: PassOptions) -> Optional[bool]:
+    first = done.get(_record_key(ex.id, False))
+    if first is None or first["correct"]:
+        return False
+    return _coin(opts.seed, ex.id, "rationalize") < opts.p_rationalization
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Counts for the results table: accuracy (first try), kept, rationalized, right answer via wrong steps."""
+    n = len(records)
+    first_correct = sum(r["first_correct"] for r in records)
+    kept = [r for r in records if r["keep"]]
+    checked = [r for r in records if r["correct"] and r.get("steps_ok") is not None]
+    return {
+        "n": n,
+        "accuracy": first_correct / n if n else 0.0,
+        "kept": len(kept),
+        "rationalized": sum(1 for r in kept if r["rationalized"]),
+        "correct_wrong_steps": sum(1 for r in checked if r["steps_ok"] is False),
+        "correct_wrong_steps_rationalized": sum(1 for r in checked if r["steps_ok"] is False and r["rationalized"]),
+        "correct_checked": len(checked),
+    }
+
+
+def accuracy_by_class(records: Sequence[dict]) -> Dict[str, float]:
+    """First-try accuracy per answer class (digit count for arithmetic), plus 'all'."""
+    totals: Dict[str, List[int]] = {}
+    for r in records:
+        for key in (str(r["class"]), "all"):
+            hit = totals.setdefault(key, [0, 0])
+            hit[0] += int(r["first_correct"])
+            hit[1] += 1
+    return {k: v[0] / v[1] for k, v in sorted(totals.items(), key=lambda kv: (kv[0] == "all", kv[0]))}

@@ -1,0 +1,96 @@
+"""Per-run report of a STaR experiment: `results.md` (a table per iteration) and `accuracy.png` (held-out
+accuracy per answer class over iterations). Both are rebuilt from `results.json` after every iteration."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+from tabulate import tabulate
+
+
+def load_results(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_results(path: str, rows: List[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def results_table(rows: List[dict]) -> str:
+    """Markdown table: iteration, steps, train accuracy, kept, rationalized share, wrong-step rationales, dev
+    accuracy per class, time."""
+    classes: List[str] = []
+    for r in rows:
+        for c in (r.get("dev_accuracy") or {}):
+            if c not in classes:
+                classes.append(c)
+    classes.sort(key=lambda c: (c == "all", len(c), c))
+    headers = ["iter", "steps", "train acc %", "kept", "rationalized %", "right answer, wrong steps"] + \
+              [f"dev {c} %" for c in classes] + ["minutes"]
+    table = []
+    for r in rows:
+        train = r.get("train") or {}
+        kept = train.get("kept")
+        rat_share = (train.get("rationalized", 0) / kept) if kept else None
+        wrong_steps = ""
+        if train.get("correct_checked"):
+            wrong_steps = f"{train['correct_wrong_steps']}/{train['correct_checked']}"
+        dev = r.get("dev_accuracy") or {}
+        table.append([r["iteration"], r.get("steps", ""), _pct(train.get("accuracy")) if train else "",
+                      kept if kept is not None else "", _pct(rat_share), wrong_steps] +
+                     [_pct(dev.get(c)) for c in classes] + [f"{r.get('seconds', 0) / 60:.1f}"])
+    return tabulate(table, headers=headers, tablefmt="github")
+
+
+def write_report(out_dir: str, rows: List[dict], title: str, notes: Dict[str, str] = None) -> None:
+    """Writes results.md and accuracy.png in out_dir."""
+    lines = [f"# {title}", ""]
+    for key, value in (notes or {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += ["", "Iteration 0 is the base model (no fine-tuning). `train acc` is the first-try accuracy of the "
+              "previous model on this iteration's training questions; `kept` counts the rationales trained on; "
+              "`right answer, wrong steps` counts correct answers whose checkable steps are wrong, among those "
+              "checked.", "", results_table(rows), ""]
+    if any(r.get("dev_accuracy") for r in rows):
+        plot_accuracy(os.path.join(out_dir, "accuracy.png"), rows, title)
+        lines.append("![accuracy per iteration](accuracy.png)")
+    tmp = os.path.join(out_dir, "results.md.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out_dir, "results.md"))
+
+
+def plot_accuracy(path: str, rows: List[dict], title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("dev_accuracy")]
+    classes = sorted({c for r in rows for c in r["dev_accuracy"]}, key=lambda c: (c == "all", len(c), c))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for c in classes:
+        xs = [r["iteration"] for r in rows if c in r["dev_accuracy"]]
+        ys = [100 * r["dev_accuracy"][c] for r in rows if c in r["dev_accuracy"]]
+        ax.plot(xs, ys, marker="o", label=c, linewidth=2.5 if c == "all" else 1.2)
+    ax.set_xlabel("STaR iteration (0 = base model)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(title="class", fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
