@@ -27,7 +27,7 @@ TASK_DEFAULTS = {
     "arithmetic": dict(config=os.path.join(REPO, "configs", "star_arithmetic_tiny.json"),
                        base_model_location=os.path.join(REPO, "assets", "arithmetic_base"),
                        out_dir="runs/star_arithmetic", rationalize=True, n_iters=4, n_train_samples=400,
-                       n_dev_samples=300, gen_length=120, gradient_accumulation_steps=1, steady_grow=True,
+                       gen_length=120, gradient_accumulation_steps=1, steady_grow=True,
                        start_steps=60, add_steps=20, eval_batch_size=100),
     "commonsenseqa": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                           base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_commonsenseqa",
@@ -85,6 +85,11 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.0, help="sampling temperature of rationales (0 = greedy, as the paper)")
     a("--verify_rationales", action="store_true",
       help="drop kept rationales whose checkable steps are wrong (arithmetic lines, GSM8K <<a*b=c>> annotations)")
+    a("--min_digits", type=int, default=1, help="arithmetic: smallest digit count of the sums")
+    a("--max_digits", type=int, default=3, help="arithmetic: largest digit count (the paper used 1-5)")
+    a("--n_exemplars", type=int, default=0,
+      help="arithmetic: few-shot exemplars in the prompt (0 for the demo: its base model learned the format)")
+    a("--n_dev_per_digit", type=int, default=100, help="arithmetic: held-out questions per digit count")
     a("--seed", type=int, default=0, help="seed of the question sampling and of the rationalization coin flips")
     a("--dry_run", action="store_true", help="print the plan, run nothing")
     a("--skip_eval", action="store_true", help="do not evaluate on dev")
@@ -117,7 +122,11 @@ def main(argv=None):
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
         json.dump({"argv": sys.argv[1:], "options": vars(args), "model_config": cfg.to_dict()}, f, indent=2)
-    task = get_task(args.task, data_dir=args.data_dir, seed=args.seed)
+    task_options = {}
+    if args.task == "arithmetic":
+        task_options = dict(min_digits=args.min_digits, max_digits=args.max_digits, n_exemplars=args.n_exemplars,
+                            n_dev=args.n_dev_per_digit)
+    task = get_task(args.task, data_dir=args.data_dir, **task_options)
     backend = JaxBackend(cfg, args.base_model_location,
                          GenerationSettings(temperature=args.temperature, batch_size=args.eval_batch_size,
                                             seed=args.seed), progress=args.progress)

@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import random
 from typing import Any, List, Optional, Sequence
 
 import jax
@@ -37,6 +39,46 @@ def load_base_params(cfg: Config, location: Optional[str], seed: int = 0):
         return params
     params, _, _, _ = ckpt.load_checkpoint(location, cfg, with_opt=False)
     return params
+
+
+def pack_examples(pairs: Sequence[tuple], tokenizer, seq: int, out_dir: str, name: str, seed: int = 10,
+                  learn_context: bool = False) -> str:
+    """Tokenizes (context, completion) pairs as context + completion + EOS, with a loss mask of 1 on the completion
+    and EOS only, packs them into seq+1 rows and writes `{name}_{n}.tfrecords` + `{name}.index`.
+
+    The mask comes from the known context/completion boundary. The generic rule of create_finetune_tfrecords.py
+    (learn what follows the last ':') would mask nearly all of an arithmetic scratchpad, whose lines hold `C: 1`.
+    Too little text for one row is repeated until it fills one (logged); the trailing partial row is dropped.
+    """
+    from tfrecord_utils.build import pack
+    from tfrecord_utils.records import TFRecordWriter, token_example, write_index
+
+    docs, masks = [], []
+    for context, completion in pairs:
+        ctx, comp = tokenizer.encode(context), tokenizer.encode(completion)
+        docs.append(np.asarray(ctx + comp + [tokenizer.eos_token_id], np.int32))
+        masks.append(np.asarray([int(learn_context)] * len(ctx) + [1] * (len(comp) + 1), np.int32))
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    docs, masks = [docs[i] for i in order], [masks[i] for i in order]
+    total = sum(len(d) for d in docs)
+    if 0 < total < seq + 1:
+        reps = (seq + 1) // total + 1
+        log.warning("only %d tokens of training text (< seq+1 = %d): repeating the examples %d times", total,
+                    seq + 1, reps)
+        docs, masks = docs * reps, masks * reps
+    rows, row_masks, trailing, _ = pack(docs, masks, seq)
+    if len(rows) == 0:
+        raise ValueError(f"no training examples to pack into {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    record_name = f"{name}_{len(rows)}.tfrecords"
+    with TFRecordWriter(os.path.join(out_dir, record_name)) as writer:
+        for row, row_mask in zip(rows, row_masks):
+            writer.write(token_example(row, row_mask))
+    write_index(os.path.join(out_dir, f"{name}.index"), [record_name])
+    log.info("packed %d examples (%d tokens) into %d rows of %d; %d trailing tokens dropped", len(pairs), total,
+             len(rows), seq + 1, len(trailing))
+    return os.path.join(out_dir, f"{name}.index")
 
 
 @dataclasses.dataclass
@@ -81,26 +123,14 @@ class JaxBackend:
                                     batch_size=gen.batch_size, max_len=self.cfg.seq)
         return generate
 
-    def pack(self, text_path: str, out_dir: str) -> str:
-        """train.txt -> TFRecords with the completion loss mask; returns the index path (reused when present)."""
-        from tfrecord_utils.build import build_tfrecords
-
+    def pack(self, pairs_path: str, out_dir: str) -> str:
+        """train.jsonl ({context, completion} per line) -> TFRecords; returns the index (reused when present)."""
         index = os.path.join(out_dir, "train.index")
-        if os.path.exists(index):
-            return index
-        with open(text_path) as f:
-            text = f.read()
-        n_tokens = len(self.tokenizer.encode(text))
-        src = text_path
-        if n_tokens < self.cfg.seq + 1:  # too little text for one sequence: repeat it (logged)
-            reps = (self.cfg.seq + 1) // max(n_tokens, 1) + 1
-            log.warning("only %d tokens of training text (< seq+1 = %d): repeating it %d times", n_tokens,
-                        self.cfg.seq + 1, reps)
-            src = text_path + ".repeated.txt"
-            with open(src, "w") as f:
-                f.write(text * reps)
-        build_tfrecords(src, "train", out_dir, seq_len=self.cfg.seq, tokenizer=self.tokenizer,
-                        loss_mask="completion" if self.cfg.loss_mask != "none" else "none", seed=10)
+        if not os.path.exists(index):
+            with open(pairs_path) as f:
+                pairs = [(r["context"], r["completion"]) for r in map(json.loads, filter(str.strip, f))]
+            pack_examples(pairs, self.tokenizer, self.cfg.seq, out_dir, "train",
+                          learn_context=self.cfg.loss_mask == "none")
         return index
 
     def finetune(self, base_params, index_path: str, steps: int, ckpt_dir: str, desc: str = "train"):

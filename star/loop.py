@@ -18,7 +18,7 @@ import time
 from typing import Any, List, Optional
 
 from . import report
-from .rationales import PassOptions, accuracy_by_class, run_pass, summarize, training_text
+from .rationales import EOT, PassOptions, accuracy_by_class, run_pass, summarize, training_example
 
 log = logging.getLogger("star")
 
@@ -92,6 +92,13 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_jsonl_pairs(path: str) -> List[tuple]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [(r["context"], r["completion"]) for r in map(json.loads, filter(str.strip, f))]
+
+
 def _read_json(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
@@ -150,13 +157,13 @@ class StarRun:
         opts = self._pass_options(n, "train")
         records = run_pass(self.task, examples, self.backend.generate_fn(params), opts,
                            os.path.join(d, "rationales.jsonl"))
-        texts = [training_text(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
-        if self.opts.copy_n and n > 1:  # the original copied the last copy_n files of the previous iteration
-            prev = os.path.join(iter_dir(self.opts, n - 1), "train.txt")
-            if os.path.exists(prev):
-                with open(prev) as f:
-                    texts = [t + "<|endoftext|>" for t in f.read().split("<|endoftext|>") if t][-self.opts.copy_n:] + texts
-        _write_atomic(os.path.join(d, "train.txt"), "".join(texts))
+        pairs = [training_example(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
+        if self.opts.copy_n and n > 1:  # the original also copied the last copy_n examples of the previous iteration
+            prev = _read_jsonl_pairs(os.path.join(iter_dir(self.opts, n - 1), "train.jsonl"))
+            pairs = prev[-self.opts.copy_n:] + pairs
+        _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
+        _write_atomic(os.path.join(d, "train.jsonl"),
+                      "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
         summary = summarize(records)
         _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
         return summary
@@ -194,7 +201,7 @@ class StarRun:
                 rows[n] = row
                 self._save(rows)
                 continue
-            index = self.backend.pack(os.path.join(d, "train.txt"), os.path.join(d, "records"))
+            index = self.backend.pack(os.path.join(d, "train.jsonl"), os.path.join(d, "records"))
             steps = n_steps(o, n, gen["kept"])
             row["steps"] = steps
             params = self.backend.finetune(base, index, steps, os.path.join(d, "ckpt"), desc=f"iter {n} train")

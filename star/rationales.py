@@ -103,22 +103,29 @@ def _record_key(example_id: str, hint: bool) -> str:
 
 def _judge(task, ex, completion: str, hint: bool, opts: PassOptions) -> dict:
     completion = completion.split(EOT)[0]
-    completion = task.trim_completion(completion) if hasattr(task, "trim_completion") else completion
+    completion = task.truncate(completion)  # the part that is judged and saved (e.g. CQA's first line)
     pred = task.parse_answer(completion)
     correct = pred is not None and task.is_correct(pred, ex)
-    record = {"id": ex.id, "key": _record_key(ex.id, hint), "class": task.answer_class(ex),
+    record = {"id": ex.id, "key": _record_key(ex.id, hint), "class": task.answer_classes(ex),
               "question": task.format_question(ex, hint=False), "completion": completion, "pred": pred,
               "gold": ex.gold, "correct": bool(correct), "rationalized": hint}
     record["steps_ok"] = verify_steps(task.name, ex, completion)  # None where steps cannot be checked
     return record
 
 
-def training_text(task, record: dict, ex, opts: PassOptions) -> str:
-    """The saved example: hint-less question (hinted with p_show_hint_save) + completion + EOT."""
+def training_example(task, record: dict, ex, opts: PassOptions) -> tuple[str, str]:
+    """(context, completion) of a kept example: the hint-less question (hinted with probability p_show_hint_save),
+    after the few-shot prompt when few_shot_train; the completion is what the model wrote."""
     hinted = record["rationalized"] and _coin(opts.seed, ex.id, "show_hint") < opts.p_show_hint_save
     question = task.format_question(ex, hint=hinted)
     prefix = task.few_shot_prompt(hint=False, direct=opts.direct) if opts.few_shot_train else ""
-    return prefix + question + record["completion"] + EOT
+    return prefix + question, record["completion"]
+
+
+def training_text(task, record: dict, ex, opts: PassOptions) -> str:
+    """The saved example as the original wrote it: context + completion + EOT."""
+    context, completion = training_example(task, record, ex, opts)
+    return context + completion + EOT
 
 
 def run_pass(task, examples: Sequence, generate_fn: GenerateFn, opts: PassOptions, out_path: str) -> List[dict]:

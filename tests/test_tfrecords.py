@@ -3,11 +3,11 @@ validation pass, exact resume, clear errors)."""
 import json
 import logging
 import os
-import struct
 
 import numpy as np
 import pytest
 
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures; tests/ is on sys.path)
 from tfrecord_utils import records as R
 from tfrecord_utils.loader import TFRecordLoader
 
@@ -87,7 +87,8 @@ def test_tensorflow_written_ours_reads(tf, tmp_path):
                        "other": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5, 2.0])),
                        "name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"doc", b""]))}
             if i % 2 == 0:
-                feature["loss_mask"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(i % 3 == 0)] * len(row)))
+                mask = [int(i % 3 == 0)] * len(row)
+                feature["loss_mask"] = tf.train.Feature(int64_list=tf.train.Int64List(value=mask))
             w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     got = list(R.read_token_records(path))
     assert len(got) == len(rows)
@@ -280,3 +281,33 @@ def test_loader_empty_index_and_empty_files(tmp_path):
     with pytest.raises(ValueError, match="hold no records"):
         next(TFRecordLoader(tmp_path / "none.index", batch_shape=(1,), train=True))
     assert list(TFRecordLoader(tmp_path / "none.index", batch_shape=(1,), train=False)) == []
+
+
+def test_library_does_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, tfrecord_utils, tfrecord_utils.build, tfrecord_utils.loader; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_gcs_paths_roundtrip_and_missing_file(gcs_bucket):
+    """gs:// data and index through smart_open (on the local GCS emulator); a missing gs:// file is reported with
+    its index line when it is opened."""
+    root = f"gs://{gcs_bucket}/data"
+    rows = [[r] * (SEQ + 1) for r in range(4)]
+    R.write_token_records(f"{root}/part.tfrecords", rows, [[1] * (SEQ + 1)] * 4)
+    R.write_index(f"{root}/train.index", ["part.tfrecords"])
+    batches = list(TFRecordLoader(f"{root}/train.index", batch_shape=(2,), seq=SEQ, train=False))
+    assert [_ids(b) for b in batches] == [[0, 1], [2, 3]]
+    R.write_index(f"{root}/broken.index", ["part.tfrecords", "gone.tfrecords"])
+    loader = TFRecordLoader(f"{root}/broken.index", batch_shape=(2,), seq=SEQ, train=False)
+    assert _ids(next(loader)) == [0, 1]
+    next(loader)
+    with pytest.raises(FileNotFoundError, match=rf"broken\.index, line 2: cannot read data file {root}/gone"):
+        next(loader)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        R.read_index(f"{root}/no.index")

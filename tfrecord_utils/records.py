@@ -284,8 +284,15 @@ def is_url(path: str) -> bool:
 
 
 def open_binary(path: str, mode: str = "rb") -> BinaryIO:
-    """Open a local path or URL without smart_open's guess-the-compression-from-the-extension."""
-    return smart_open.open(str(path), mode, compression=smart_open.compression.NO_COMPRESSION)
+    """Open a local path or URL without smart_open's guess-the-compression-from-the-extension.
+
+    A missing file is a FileNotFoundError for URLs too (GCS raises google.api_core's NotFound, a 404)."""
+    try:
+        return smart_open.open(str(path), mode, compression=smart_open.compression.NO_COMPRESSION)
+    except Exception as e:
+        if not isinstance(e, FileNotFoundError) and (type(e).__name__ == "NotFound" or getattr(e, "code", 0) == 404):
+            raise FileNotFoundError(f"{path} does not exist ({e})") from e
+        raise
 
 
 class TFRecordWriter:
@@ -408,8 +415,8 @@ def read_index(index_path: Union[str, os.PathLike]) -> list[IndexEntry]:
     index_path = os.fspath(index_path)
     if not is_url(index_path) and not os.path.isfile(index_path):
         raise FileNotFoundError(f"index file {index_path} does not exist")
-    with smart_open.open(index_path, "r", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with open_binary(index_path) as f:
+        lines = f.read().decode("utf-8").splitlines()
     entries = [IndexEntry(resolve_entry(index_path, line.strip()), n, index_path)
                for n, line in enumerate(lines, start=1) if line.strip()]
     if not entries:

@@ -1,0 +1,545 @@
+"""Checkpoints in mesh-transformer-jax's v1 layout (the layout of the released GPT-J-6B weights), on a local disk or
+on gs://.
+
+Layout of a checkpoint folder `{dir}`:
+  {dir}/meta.json                 {"step": N, "checkpoints": [..., N], "aux": {"N": {"train_loader": ...}}}
+  {dir}/step_N/shard_s/j.npz      s in 0..S-1 (S shards), j in 0..15: chunk j of shard s's flattened mtj state
+The leaf order, names and per-shard rules are in `mtj_layout`. Arrays are read back as host numpy in OUR layout
+(stacked layers) whatever S the files have: resharding is a read followed by a write with another S.
+
+Commit protocol (a crash never leaves meta.json naming an incomplete step):
+  1. meta.json stops naming step N if it did (re-saving a step), then step_N/ is removed;
+  2. every file of step_N/ is written;
+  3. meta.json is replaced in one step (local: write a temp file, fsync, os.replace; gs://: one object write, which
+     GCS makes atomic) - only now does step N exist for readers;
+  4. old steps beyond `keep_n` (except multiples of `keep_every`) are removed; meta.json first stops naming them
+     (and lists them under "deleting" until their files are gone, so a crash mid-delete is finished later).
+A step_N folder that meta.json does not name is ignored by readers; the next save removes it if N is newer than every
+named step (the leftover of a crashed save). Folders without any meta.json (e.g. released weights) are never
+removed, except the folder of the very step being written.
+
+Deviations from mtj (docs/DEVIATIONS.md):
+- summed biases (embedding, fc_out) are written whole on shard 0 and as zeros on the other shards (mtj held b/S on
+  each); both read back as the same sum, ours bit-exactly. LayerNorm params other than shard 0's hold their init
+  values, exactly as mtj's files do.
+- our optimizer state is optax's chain state; its Adam count/mu/nu and schedule count are written in the positions of
+  mtj's (same chain, same order), so full checkpoints are interchangeable. Other optimizers cannot be written in full.
+- keep_n / keep_every: mtj kept the last `keep_n` (3; STaR 20) and read but never used `keep_every`. Here
+  keep_n=None keeps every step; steps that are multiples of keep_every are never removed and stay listed in meta.json.
+- `checkpoints` keeps save order as mtj (the last entry is the latest); re-saving a step moves it to the end.
+- files are byte-reproducible: npz members carry a fixed timestamp (np.savez stamps the current time). Same format.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import ml_dtypes
+import numpy as np
+import optax
+
+from . import mtj_layout as L
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_SHARD_RE = re.compile(r"^shard_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist, is incomplete, or does not fit the config; the message says what to do."""
+
+
+# ================================================================================== storage: local paths or gs://
+def _is_gcs(path: str) -> bool:
+    return path.startswith("gs://")
+
+
+def _split_gcs(path: str) -> Tuple[str, str]:
+    bucket, _, name = path[len("gs://"):].partition("/")
+    return bucket, name
+
+
+@functools.lru_cache(maxsize=None)
+def _gcs_client_for(emulator: Optional[str], project: Optional[str]):
+    from google.cloud import storage
+    if emulator and not project:
+        project = "emulator"  # the emulator accepts any project; the client insists on one
+    return storage.Client(project=project)
+
+
+def _gcs_client():
+    """A google.cloud.storage client; honours STORAGE_EMULATOR_HOST (tests run against gcp-storage-emulator)."""
+    return _gcs_client_for(os.environ.get("STORAGE_EMULATOR_HOST"), os.environ.get("GOOGLE_CLOUD_PROJECT"))
+
+
+def _open(path: str, mode: str):
+    if _is_gcs(path):
+        from smart_open import open as sopen
+        return sopen(path, mode, transport_params={"client": _gcs_client()})
+    return open(path, mode)
+
+
+def _exists(path: str) -> bool:
+    """Whether the file exists."""
+    if _is_gcs(path):
+        bucket, name = _split_gcs(path)
+        return _gcs_client().bucket(bucket).blob(name).exists()
+    return os.path.isfile(path)
+
+
+def _list_dirs(path: str) -> List[str]:
+    """Names of the immediate sub-folders of path ([] if it does not exist)."""
+    if _is_gcs(path):
+        bucket, name = _split_gcs(path)
+        it = _gcs_client().list_blobs(bucket, prefix=name.rstrip("/") + "/", delimiter="/")
+        for _ in it:  # the prefixes are filled in while iterating
+            pass
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in it.prefixes)
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+
+
+def _rmtree(path: str) -> None:
+    if _is_gcs(path):
+        bucket, name = _split_gcs(path)
+        client = _gcs_client()
+        blobs = list(client.list_blobs(bucket, prefix=name.rstrip("/") + "/"))
+        for blob in blobs:
+            blob.delete()
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def _makedirs(path: str) -> None:
+    if not _is_gcs(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    if _is_gcs(path):  # a GCS object becomes visible whole or not at all
+        with _open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _join(*parts: str) -> str:
+    return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
+
+
+# ================================================================================== npz files
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def _write_npz(path: str, arrays: List[np.ndarray]) -> None:
+    """np.savez(f, *arrays) (members arr_0.npy, ...), with a fixed timestamp so equal arrays give equal bytes."""
+    with _open(path, "wb") as f:
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for i, a in enumerate(arrays):
+                info = zipfile.ZipInfo(f"arr_{i}.npy", date_time=_ZIP_TIME)
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
+        if not _is_gcs(path):
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fix_dtype(a: np.ndarray) -> np.ndarray:
+    # numpy has no bfloat16: mtj's bf16 leaves come back as 2-byte voids
+    return a.view(ml_dtypes.bfloat16) if a.dtype == np.dtype("V2") else a
+
+
+def _npz_len(path: str) -> int:
+    """Number of arrays in an npz, reading only its directory."""
+    try:
+        with _open(path, "rb") as f:
+            with zipfile.ZipFile(f) as zf:
+                return len(zf.namelist())
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}; the checkpoint is incomplete or the path is wrong") from e
+    except Exception as e:  # google.api_core NotFound and friends
+        if type(e).__name__ == "NotFound":
+            raise CheckpointError(f"{path} not found; the checkpoint is incomplete or the path is wrong") from e
+        raise
+
+
+def _read_npz(path: str, indices: List[int]) -> Dict[int, np.ndarray]:
+    """Arrays arr_i for i in indices."""
+    if _is_gcs(path):
+        with _open(path, "rb") as f:
+            source = io.BytesIO(f.read())
+    else:
+        source = path
+    with np.load(source, allow_pickle=False) as npz:
+        return {i: _fix_dtype(npz[f"arr_{i}"]) for i in indices}
+
+
+# ================================================================================== meta.json
+def _read_meta(ckpt_dir: str) -> Optional[dict]:
+    path = _join(ckpt_dir, "meta.json")
+    if not _exists(path):
+        return None
+    with _open(path, "r") as f:
+        meta = json.load(f)
+    meta.setdefault("checkpoints", [])
+    meta.setdefault("aux", {})
+    return meta
+
+
+def _write_meta(ckpt_dir: str, meta: dict) -> None:
+    _write_text_atomic(_join(ckpt_dir, "meta.json"), json.dumps(meta))
+
+
+def latest_step(path: str) -> Optional[int]:
+    """The step last committed to meta.json under path (mtj: checkpoints[-1]); None when there is none."""
+    meta = _read_meta(path)
+    if not meta or not meta["checkpoints"]:
+        return None
+    return int(meta["checkpoints"][-1])
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """gs://{bucket}/{model_dir} when the config names a bucket (as mtj), else model_dir as given (a local path or
+    a full URL)."""
+    if not cfg.model_dir:
+        raise CheckpointError("config has no 'model_dir': set it to the checkpoint folder (with 'bucket' for gs://)")
+    if not cfg.bucket or "://" in cfg.model_dir:
+        return cfg.model_dir.rstrip("/")
+    bucket = cfg.bucket[len("gs://"):] if cfg.bucket.startswith("gs://") else cfg.bucket
+    return f"gs://{bucket.strip('/')}/{cfg.model_dir.strip('/')}"
+
+
+# ================================================================================== our tree <-> mtj leaves
+def _split_state(state: Any) -> Tuple[Any, Any]:
+    """(params, opt_state or None) of a TrainState-like object or a bare params dict."""
+    if hasattr(state, "params") and hasattr(state, "opt_state"):
+        return state.params, state.opt_state
+    return state, None
+
+
+def _is_opt_node(x: Any) -> bool:
+    return isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
+
+
+def _adam_parts(opt_state: Any) -> Tuple[Any, Any, Any, Any]:
+    """(adam count, mu, nu, schedule count) of an optax chain state like train.make_optimizer's."""
+    nodes = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_opt_node) if _is_opt_node(x)]
+    adam = [x for x in nodes if isinstance(x, optax.ScaleByAdamState)]
+    sched = [x for x in nodes if isinstance(x, optax.ScaleByScheduleState)]
+    if len(adam) != 1:
+        raise CheckpointError(f"the optimizer state has {len(adam)} scale_by_adam states; a full v1 checkpoint holds "
+                              f"exactly one (mtj's chain). Save the params only (slim=True) for other optimizers")
+    count = adam[0].count
+    return count, adam[0].mu, adam[0].nu, (sched[0].count if sched else count)
+
+
+def _check_divisible(cfg: Config, shards: int) -> None:
+    for key, value in L.shard_divisors(cfg):
+        if shards < 1 or value % shards:
+            raise CheckpointError(f"cannot cut the model into {shards} shards: {key}={value} is not divisible by "
+                                  f"{shards}; pick a shard count that divides n_heads, n_vocab and d_ff")
+
+
+def _check_params(params: Any, cfg: Config) -> None:
+    for rule in L.RULES:
+        try:
+            leaf = params[rule.module][rule.name]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"params have no leaf {rule.module}/{rule.name} (mtj "
+                                  f"{rule.mtj_path(0 if rule.stacked else None)}); pass CausalTransformer params")
+        want = ((cfg.layers,) if rule.stacked else ()) + L.full_shape(rule, cfg)
+        if tuple(leaf.shape) != want:
+            raise CheckpointError(f"params leaf {rule.module}/{rule.name} has shape {tuple(leaf.shape)} but the config "
+                                  f"gives {want} (layers={cfg.layers}, d_model={cfg.d_model}, n_vocab={cfg.n_vocab}, "
+                                  f"d_ff={cfg.ffn_dim}); save with the config the params were made with")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def _host(x: Any, dtype=None) -> np.ndarray:
+    """A host numpy copy (a view for numpy input), floats cast to dtype when given."""
+    a = np.asarray(jax.device_get(x))
+    if dtype is not None and _is_float(a.dtype):
+        a = a.astype(dtype)
+    return a
+
+
+# ================================================================================== save
+def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optional[int] = None, slim: bool = False,
+                    aux: Optional[dict] = None, keep_n: Optional[int] = None,
+                    keep_every: Optional[int] = None) -> None:
+    """Writes `state` (a TrainState, or bare params) as step `step` under the checkpoint folder `path`.
+
+    shards: number of shard folders (default cfg.cores_per_replica). slim: params only, cast to bfloat16 (mtj's
+    slim_model.py); a bare params tree or a state without optimizer also writes params only, in their dtype.
+    aux: stored as meta["aux"][str(step)] (e.g. {"train_loader": ...}). keep_n / keep_every (default: the config's):
+    after the commit, steps older than the last keep_n are removed unless step % keep_every == 0; keep_n None keeps all.
+    """
+    step = int(step)
+    shards = int(shards or cfg.cores_per_replica)
+    _check_divisible(cfg, shards)
+    params, opt_state = _split_state(state)
+    _check_params(params, cfg)
+    with_opt = opt_state is not None and not slim
+    if with_opt:
+        adam_count, mu, nu, sched_count = _adam_parts(opt_state)
+        if jax.tree.structure(mu) != jax.tree.structure(params):
+            raise CheckpointError("Adam mu does not have the structure of the params; was the optimizer made for them?")
+    keep_n = cfg.keep_n if keep_n is None else keep_n
+    keep_every = (cfg.keep_every or None) if keep_every is None else keep_every
+
+    path = path.rstrip("/")
+    _makedirs(path)
+    meta = _read_meta(path)
+    had_meta = meta is not None
+    meta = meta or {"step": 0, "checkpoints": [], "aux": {}}
+    listed = [int(s) for s in meta["checkpoints"]]
+
+    # 1. step N stops being named before its folder is touched; leftovers of crashed saves go
+    if step in listed:
+        listed.remove(step)
+        meta["checkpoints"] = listed
+        meta["aux"].pop(str(step), None)
+        if listed:
+            meta["step"] = listed[-1]
+        _write_meta(path, meta)
+    stale = {step} | {int(s) for s in meta.get("deleting", [])}
+    if had_meta:
+        newest = max(listed, default=-1)
+        stale |= {int(m.group(1)) for m in map(_STEP_RE.match, _list_dirs(path)) if m and int(m.group(1)) > newest
+                  and int(m.group(1)) not in listed}
+    for s in sorted(stale):
+        _rmtree(_join(path, f"step_{s}"))
+
+    # 2. every file of step N
+    step_dir = _join(path, f"step_{step}")
+    leaves = L.leaf_list(cfg.layers, with_opt)
+    bounds = L.chunk_bounds(len(leaves))
+    for s in range(shards):
+        _makedirs(_join(step_dir, f"shard_{s}"))
+    cast = ml_dtypes.bfloat16 if slim else None
+    sources = {L.PARAMS: params}
+    if with_opt:
+        sources.update({L.MU: mu, L.NU: nu})
+    scalars = {L.STEP: np.asarray(step, np.int32)}
+    if with_opt:
+        scalars[L.ADAM_COUNT] = _host(adam_count)
+        scalars[L.SCHEDULE_COUNT] = _host(sched_count)
+
+    def full_leaf(leaf: L.Leaf) -> np.ndarray:
+        if leaf.rule is None:
+            return scalars[leaf.group]
+        x = sources[leaf.group][leaf.rule.module][leaf.rule.name]
+        if leaf.layer is not None:
+            x = x[leaf.layer]
+        return _host(x, cast if leaf.group == L.PARAMS else None)
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=min(16, shards)) as pool:
+        for j, (a, b) in enumerate(bounds):
+            per_shard = [[] for _ in range(shards)]
+            for leaf in leaves[a:b]:
+                for s, part in enumerate(L.cut(leaf, full_leaf(leaf), shards)):
+                    per_shard[s].append(part)
+            list(pool.map(lambda s: _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s]),
+                          range(shards)))
+    log.info("wrote %s (%d shards, %d leaves each) in %.1fs", step_dir, shards, len(leaves), time.time() - t0)
+
+    # 3. commit
+    listed.append(step)
+    meta["aux"][str(step)] = aux or {}
+    to_delete = []
+    if keep_n is not None:
+        old = listed[:-keep_n] if keep_n > 0 else listed[:-1]
+        to_delete = [s for s in old if not (keep_every and s % keep_every == 0)]
+    meta["checkpoints"] = [s for s in listed if s not in to_delete]
+    meta["step"] = step
+    for s in to_delete:
+        meta["aux"].pop(str(s), None)
+    meta["deleting"] = sorted(set(to_delete))
+    if not meta["deleting"]:
+        del meta["deleting"]
+    _write_meta(path, meta)
+
+    # 4. old steps
+    if to_delete:
+        for s in to_delete:
+            log.info("removing checkpoint step %d of %s", s, path)
+            _rmtree(_join(path, f"step_{s}"))
+        del meta["deleting"]
+        _write_meta(path, meta)
+
+
+# ================================================================================== load
+def _resolve(path: str, step: Optional[int]) -> Tuple[str, int, dict]:
+    """(step folder, step, aux) for a checkpoint folder with meta.json, or a step_N folder itself."""
+    path = path.rstrip("/")
+    meta = _read_meta(path)
+    if meta is not None:
+        listed = [int(s) for s in meta["checkpoints"]]
+        if step is None:
+            if not listed:
+                raise CheckpointError(f"{path}/meta.json names no checkpoint yet")
+            step = listed[-1]
+        elif step not in listed:
+            raise CheckpointError(f"step {step} is not a committed checkpoint of {path} (meta.json lists {listed}); "
+                                  f"a step_{step} folder that meta.json does not name may be incomplete")
+        return _join(path, f"step_{step}"), step, dict(meta["aux"].get(str(step), {}))
+    if "shard_0" in _list_dirs(path):  # a step folder (e.g. the released step_383500/)
+        m = re.search(r"step_(\d+)$", path)
+        if step is not None and m and int(m.group(1)) != step:
+            raise CheckpointError(f"{path} is the folder of step {m.group(1)}, not {step}")
+        return path, (step if step is not None else (int(m.group(1)) if m else -1)), {}
+    if step is not None and "shard_0" in _list_dirs(_join(path, f"step_{step}")):
+        log.warning("%s has no meta.json; loading step_%d without knowing whether it is complete", path, step)
+        return _join(path, f"step_{step}"), step, {}
+    raise CheckpointError(f"no checkpoint at {path}: expected {path}/meta.json (a checkpoint folder) or "
+                          f"{path}/shard_0/ (a step folder such as step_383500/)")
+
+
+def _n_shards(step_dir: str) -> int:
+    ids = sorted(int(m.group(1)) for m in map(_SHARD_RE.match, _list_dirs(step_dir)) if m)
+    if not ids or ids != list(range(len(ids))):
+        raise CheckpointError(f"{step_dir} holds shard folders {ids}; expected shard_0 .. shard_(S-1)")
+    return len(ids)
+
+
+def _shape_error(leaf: L.Leaf, got: Tuple[int, ...], cfg: Config, shards: int, where: str) -> CheckpointError:
+    rule = leaf.rule
+    want = L.shard_shape(rule, cfg, shards)
+    msg = (f"checkpoint leaf '{leaf.our_path}' (mtj '{leaf.mtj_path}') in {where} has shape {got} per shard, "
+           f"but the config expects {want} per shard with {shards} shards")
+    if len(got) == len(want):
+        for axis, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                key = rule.dims[axis]
+                implied = g * shards if axis == rule.axis else g
+                return CheckpointError(f"{msg}: axis {axis} is {key} ({key}={L.dim_value(cfg, key)} in the config, "
+                                       f"{implied} in the checkpoint); set '{key}': {implied} in the config")
+    return CheckpointError(msg)
+
+
+def _opt_state_from(cfg: Config, params: Any, mu: Any, nu: Any, adam_count: Any, sched_count: Any) -> Any:
+    """Our optax chain state (train.make_optimizer) holding the loaded Adam moments and counters."""
+    from .train import make_optimizer
+    template = jax.eval_shape(make_optimizer(cfg).init, params)
+
+    def fill(x):
+        if isinstance(x, optax.ScaleByAdamState):
+            return x._replace(count=np.asarray(adam_count, x.count.dtype), mu=mu, nu=nu)
+        if isinstance(x, optax.ScaleByScheduleState):
+            return x._replace(count=np.asarray(sched_count, x.count.dtype))
+        raise CheckpointError(f"optimizer state leaf {x} has no place in a v1 checkpoint; update checkpoint.py")
+
+    return jax.tree.map(fill, template, is_leaf=_is_opt_node)
+
+
+def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None,
+                    with_opt: bool = True) -> Tuple[Any, Optional[Any], int, dict]:
+    """Reads a v1 checkpoint into host numpy arrays in our layout, from any number of shards.
+
+    path: a checkpoint folder with meta.json (step None: its latest committed step), or a step_N folder itself
+    (e.g. the released GPT-J-6B weights). Returns (params, opt_state or None, step, aux); opt_state is None when
+    with_opt is False or the files hold params only. Arrays keep the files' dtypes (bfloat16 for slim files).
+    """
+    step_dir, step, aux = _resolve(path, step)
+    shards = _n_shards(step_dir)
+    counts = [_npz_len(_join(step_dir, "shard_0", f"{j}.npz")) for j in range(L.PIECES)]
+    n = sum(counts)
+    layouts = L.infer_layout(n)
+    mine = [lay for lay in layouts if lay[0] == cfg.layers]
+    if not mine:
+        found = " or ".join(f"a {'full' if o else 'params-only'} checkpoint of {ly} layers" for ly, o in layouts)
+        raise CheckpointError(f"{step_dir} holds {n} leaves per shard ({found or 'not a v1 layout of this model'}); "
+                              f"the config says layers={cfg.layers}, i.e. {L.leaf_count(cfg.layers, False)} (params "
+                              f"only) or {L.leaf_count(cfg.layers, True)} (with optimizer) leaves"
+                              + (f"; set 'layers': {layouts[0][0]} in the config" if layouts else ""))
+    has_opt = mine[0][1]
+    leaves = L.leaf_list(cfg.layers, has_opt)
+    bounds = L.chunk_bounds(n)
+    if counts != [b - a for a, b in bounds]:
+        raise CheckpointError(f"{step_dir}/shard_0 files hold {counts} leaves; mtj's 16-way split of {n} leaves "
+                              f"gives {[b - a for a, b in bounds]}")
+    want_opt = with_opt and has_opt
+    wanted_groups = {L.PARAMS, L.STEP} | ({L.MU, L.NU, L.ADAM_COUNT, L.SCHEDULE_COUNT} if want_opt else set())
+
+    trees: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {L.PARAMS: {}, L.MU: {}, L.NU: {}}
+    scalars: Dict[str, np.ndarray] = {}
+
+    def put(leaf: L.Leaf, value: np.ndarray) -> None:
+        if leaf.rule is None:
+            scalars[leaf.group] = value
+            return
+        rule = leaf.rule
+        module = trees[leaf.group].setdefault(rule.module, {})
+        if leaf.layer is None:
+            module[rule.name] = value
+            return
+        if rule.name not in module:
+            module[rule.name] = np.empty((cfg.layers,) + value.shape, value.dtype)
+        module[rule.name][leaf.layer] = value
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=min(16, shards)) as pool:
+        for j, (a, b) in enumerate(bounds):
+            local = [k - a for k in range(a, b) if leaves[k].group in wanted_groups]
+            if not local:
+                continue
+            files = [_join(step_dir, f"shard_{s}", f"{j}.npz") for s in range(shards)]
+            try:
+                per_shard = list(pool.map(lambda f: _read_npz(f, local), files))
+            except KeyError as e:
+                raise CheckpointError(f"a file of chunk {j} in {step_dir} lacks {e}; shards hold different "
+                                      f"layouts") from e
+            for k in local:
+                leaf = leaves[a + k]
+                parts = [per_shard[s][k] for s in range(shards)]
+                for s, p in enumerate(parts):
+                    if leaf.rule is None:
+                        ok = p.shape == ()
+                    else:
+                        ok = p.shape == L.shard_shape(leaf.rule, cfg, shards)
+                    if not ok:
+                        if leaf.rule is None:
+                            raise CheckpointError(f"checkpoint leaf '{leaf.our_path}' (mtj '{leaf.mtj_path}') in "
+                                                  f"{files[s]} has shape {p.shape}; expected a scalar")
+                        raise _shape_error(leaf, p.shape, cfg, shards, files[s])
+                put(leaf, L.join(leaf, parts))
+    log.info("read %s (%d shards) in %.1fs", step_dir, shards, time.time() - t0)
+
+    params = trees[L.PARAMS]
+    opt_state = None
+    if want_opt:
+        opt_state = _opt_state_from(cfg, params, trees[L.MU], trees[L.NU], scalars[L.ADAM_COUNT],
+                                    scalars[L.SCHEDULE_COUNT])
+    if step < 0:
+        step = int(scalars[L.STEP])
+    return params, opt_state, step, aux
+
+
+def reshard(in_path: str, out_path: str, shards_out: int, cfg: Config, step: Optional[int] = None) -> None:
+    """Rewrites a checkpoint with `shards_out` shards (same step, dtypes, optimizer state and aux)."""
+    from .train import TrainState
+    params, opt_state, step, aux = load_checkpoint(in_path, cfg, step=step, with_opt=True)
+    state = params if opt_state is None else TrainState(params, opt_state, np.asarray(step, np.int32))
+    save_checkpoint(out_path, state, step, cfg, shards=shards_out, aux=aux, keep_n=None, keep_every=None)

@@ -1,0 +1,216 @@
+"""Names, leaf order and per-shard rules of mesh-transformer-jax's (mtj) v1 checkpoint layout, against our tree.
+
+Facts from the original (`mesh_transformer/layers.py`, `transformer_shard.py`, `checkpoint.py`, `to_hf_weights.py`):
+- mtj's state is `{"opt_state", "params", "step"}`; every leaf carries a leading shard axis under xmap, and shard s
+  writes leaf[s], so files hold per-shard slices WITHOUT the shard axis (scalars for the step and counters).
+- The leaf list is `jax.tree_flatten(state)`: dict keys sorted, so opt_state < params < step; Haiku module names
+  sort as strings (`layer_0, layer_1, layer_10, ..., layer_2, ...`), `embedding_shard` first, `projection_shard`
+  last. The optax chain (scale, clip, scale_by_adam, weight decay, scale, scale_by_schedule) contributes, in order:
+  Adam's count, mu (one leaf per param), nu (one per param), the schedule's count.
+- Per layer, modules are named in creation order: `linear`=q, `linear_1`=v, `linear_2`=k, `linear_3`=out,
+  `linear_4`=fc_in, `linear_5`=fc_out, plus `replicated_layer_norm`.
+- Shard cuts: q/k/v/fc_in/lm_head on the output dim, out/fc_out/embedding on the input dim (the vocabulary for the
+  embedding). The embedding bias and the fc_out bias are added on every shard before a psum, so the real bias is
+  the SUM of the shard copies. `ReplicatedLayerNorm` uses `all_gather(param)[0]`: only shard 0's copy is used and
+  trained; the other shards keep their init (scale 1, offset 0) and get zero gradients (zero Adam moments).
+- Every shard's copy of a summed bias receives the full gradient (mtj's g_psum has an identity backward), so the
+  Adam moments of those biases are the same on every shard.
+
+With L layers there are P = 10 L + 6 params; a params-only ("slim") checkpoint has P + 1 leaves per shard (287 for
+GPT-J-6B) and a full one 3 P + 3 (861).
+
+How we write the leaves that are not plain cuts (every choice reads back bit-exactly and matches what mtj itself
+would hold, so mtj's own `read_ckpt`/`reshard` and `to_hf_weights.py` read our files):
+- summed biases: the real value on shard 0, zeros on the others (mtj's native files hold value/S on each shard,
+  which reads back to the same sum, but dividing is not bit-exact);
+- LayerNorm params: the real value on shard 0, init values (scale 1, offset 0) on the others, as in mtj;
+- Adam moments: cut like their param, except LayerNorm (shard 0, zeros elsewhere, as mtj) and summed biases (the
+  same value on every shard, as mtj);
+- counters and the step: the same scalar on every shard.
+Reading takes shard 0 for everything that is not cut, except the summed-bias params, which are summed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PIECES = 16  # files per shard (mtj's `pieces`)
+PREFIX = "causal_transformer_shard/~/"
+
+SPLIT, SUMMED, REPLICATED = "split", "summed", "replicated"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+    """One leaf of our param tree and its mtj counterpart (per layer for stacked leaves)."""
+    module: str  # our Haiku module path, e.g. "layers/block/q"
+    name: str  # our leaf name, e.g. "w"
+    mtj_module: str  # mtj module under PREFIX; "{i}" is the layer index
+    mtj_name: str
+    kind: str  # SPLIT, SUMMED or REPLICATED
+    axis: Optional[int]  # the axis cut over shards (SPLIT only), of the unstacked leaf
+    dims: Tuple[str, ...]  # the config key that sets each axis of the unstacked leaf
+    fill: float = 0.0  # value of shards > 0 for REPLICATED params (mtj's init)
+
+    @property
+    def stacked(self) -> bool:
+        return self.module.startswith("layers")
+
+    def mtj_path(self, layer: Optional[int]) -> str:
+        return PREFIX + self.mtj_module.format(i=layer) + "/" + self.mtj_name
+
+    def our_path(self, layer: Optional[int]) -> str:
+        return f"{self.module}/{self.name}" + (f"[layer {layer}]" if layer is not None else "")
+
+
+_LN = "layer_{i}/~/replicated_layer_norm"
+RULES: Tuple[ParamRule, ...] = (
+    ParamRule("embedding", "w", "embedding_shard/~/linear", "w", SPLIT, 0, ("n_vocab", "d_model")),
+    ParamRule("embedding", "b", "embedding_shard/~/linear", "b", SUMMED, None, ("d_model",)),
+    ParamRule("layers/block/q", "w", "layer_{i}/~/linear", "w", SPLIT, 1, ("d_model", "d_model")),
+    ParamRule("layers/block/v", "w", "layer_{i}/~/linear_1", "w", SPLIT, 1, ("d_model", "d_model")),
+    ParamRule("layers/block/k", "w", "layer_{i}/~/linear_2", "w", SPLIT, 1, ("d_model", "d_model")),
+    ParamRule("layers/block/out", "w", "layer_{i}/~/linear_3", "w", SPLIT, 0, ("d_model", "d_model")),
+    ParamRule("layers/block/fc_in", "w", "layer_{i}/~/linear_4", "w", SPLIT, 1, ("d_model", "d_ff")),
+    ParamRule("layers/block/fc_in", "b", "layer_{i}/~/linear_4", "b", SPLIT, 0, ("d_ff",)),
+    ParamRule("layers/block/fc_out", "w", "layer_{i}/~/linear_5", "w", SPLIT, 0, ("d_ff", "d_model")),
+    ParamRule("layers/block/fc_out", "b", "layer_{i}/~/linear_5", "b", SUMMED, None, ("d_model",)),
+    ParamRule("layers/block/ln", "scale", _LN, "scale", REPLICATED, None, ("d_model",), fill=1.0),
+    ParamRule("layers/block/ln", "offset", _LN, "offset", REPLICATED, None, ("d_model",), fill=0.0),
+    ParamRule("projection/ln_f", "scale", "projection_shard/~/replicated_layer_norm", "scale", REPLICATED, None,
+              ("d_model",), fill=1.0),
+    ParamRule("projection/ln_f", "offset", "projection_shard/~/replicated_layer_norm", "offset", REPLICATED, None,
+              ("d_model",), fill=0.0),
+    ParamRule("projection/lm_head", "w", "projection_shard/~/linear", "w", SPLIT, 1, ("d_model", "n_vocab")),
+    ParamRule("projection/lm_head", "b", "projection_shard/~/linear", "b", SPLIT, 0, ("n_vocab",)),
+)
+
+# groups of leaves in the mtj state
+PARAMS, MU, NU, ADAM_COUNT, SCHEDULE_COUNT, STEP = "params", "mu", "nu", "adam_count", "schedule_count", "step"
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One entry of mtj's flattened state: a param (or its Adam moment) of one layer, a counter or the step."""
+    group: str
+    rule: Optional[ParamRule] = None
+    layer: Optional[int] = None
+
+    @property
+    def mtj_path(self) -> str:
+        prefix = {PARAMS: "params/", MU: "opt_state/adam.mu/", NU: "opt_state/adam.nu/"}
+        if self.rule is None:
+            return {ADAM_COUNT: "opt_state/adam.count", SCHEDULE_COUNT: "opt_state/schedule.count",
+                    STEP: "step"}[self.group]
+        return prefix[self.group] + self.rule.mtj_path(self.layer)
+
+    @property
+    def our_path(self) -> str:
+        if self.rule is None:
+            return {ADAM_COUNT: "opt_state: scale_by_adam count", SCHEDULE_COUNT: "opt_state: scale_by_schedule count",
+                    STEP: "step"}[self.group]
+        where = {PARAMS: "params", MU: "opt_state: Adam mu of", NU: "opt_state: Adam nu of"}[self.group]
+        return f"{where} {self.rule.our_path(self.layer)}"
+
+
+def param_leaves(layers: int) -> List[Tuple[ParamRule, Optional[int]]]:
+    """(rule, layer) for every mtj param leaf, in mtj's flatten order (module, then leaf name, as strings)."""
+    entries = []
+    for rule in RULES:
+        for layer in (range(layers) if rule.stacked else [None]):
+            entries.append(((PREFIX + rule.mtj_module.format(i=layer), rule.mtj_name), rule, layer))
+    entries.sort(key=lambda e: e[0])
+    return [(rule, layer) for _, rule, layer in entries]
+
+
+def leaf_list(layers: int, with_opt: bool) -> List[Leaf]:
+    """mtj's flattened state for one shard: [count, mu..., nu..., count] + params... + [step]."""
+    params = param_leaves(layers)
+    leaves: List[Leaf] = []
+    if with_opt:
+        leaves.append(Leaf(ADAM_COUNT))
+        leaves += [Leaf(MU, r, i) for r, i in params]
+        leaves += [Leaf(NU, r, i) for r, i in params]
+        leaves.append(Leaf(SCHEDULE_COUNT))
+    leaves += [Leaf(PARAMS, r, i) for r, i in params]
+    leaves.append(Leaf(STEP))
+    return leaves
+
+
+def n_params(layers: int) -> int:
+    return 10 * layers + 6
+
+
+def leaf_count(layers: int, with_opt: bool) -> int:
+    p = n_params(layers)
+    return 3 * p + 3 if with_opt else p + 1
+
+
+def infer_layout(n_leaves: int) -> List[Tuple[int, bool]]:
+    """The (layers, with_opt) layouts that have n_leaves leaves per shard."""
+    out = []
+    if (n_leaves - 7) % 10 == 0 and n_leaves >= 7:
+        out.append(((n_leaves - 7) // 10, False))
+    if n_leaves % 3 == 0 and (n_leaves // 3 - 7) % 10 == 0 and n_leaves >= 21:
+        out.append(((n_leaves // 3 - 7) // 10, True))
+    return out
+
+
+def chunk_bounds(n: int, pieces: int = PIECES) -> List[Tuple[int, int]]:
+    """mtj's `split(a, n)` (the same cut as np.array_split): the first n % pieces chunks get one more leaf."""
+    k, m = divmod(n, pieces)
+    return [(i * k + min(i, m), (i + 1) * k + min(i + 1, m)) for i in range(pieces)]
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def dim_value(cfg: Any, key: str) -> int:
+    return cfg.ffn_dim if key == "d_ff" else getattr(cfg, key)
+
+
+def full_shape(rule: ParamRule, cfg: Any) -> Tuple[int, ...]:
+    """Shape of the unstacked (one layer) leaf in our layout."""
+    return tuple(dim_value(cfg, k) for k in rule.dims)
+
+
+def shard_shape(rule: ParamRule, cfg: Any, shards: int) -> Tuple[int, ...]:
+    shape = list(full_shape(rule, cfg))
+    if rule.kind == SPLIT:
+        shape[rule.axis] //= shards
+    return tuple(shape)
+
+
+def shard_divisors(cfg: Any) -> Sequence[Tuple[str, int]]:
+    """Config sizes a shard count must divide (heads stay whole on a shard, as mtj)."""
+    return (("n_heads", cfg.n_heads), ("n_vocab", cfg.n_vocab), ("d_ff", cfg.ffn_dim), ("d_model", cfg.d_model))
+
+
+# ------------------------------------------------------------------------------------------ cut and join
+def cut(leaf: Leaf, x: np.ndarray, shards: int) -> List[np.ndarray]:
+    """The per-shard arrays of one full (unsharded, one layer) leaf."""
+    rule = leaf.rule
+    if rule is None:  # counters and the step
+        return [x] * shards
+    if rule.kind == SPLIT:
+        return np.split(x, shards, axis=rule.axis)
+    if leaf.group == PARAMS:
+        rest = np.zeros_like(x) if rule.kind == SUMMED else np.full_like(x, rule.fill)
+    else:  # Adam moments: a summed bias has the full gradient on every shard; LayerNorm only on shard 0
+        rest = x if rule.kind == SUMMED else np.zeros_like(x)
+    return [x] + [rest] * (shards - 1)
+
+
+def join(leaf: Leaf, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The full leaf from its per-shard arrays (any number of shards)."""
+    rule = leaf.rule
+    if rule is not None and rule.kind == SPLIT:
+        return np.concatenate(parts, axis=rule.axis)
+    if rule is not None and rule.kind == SUMMED and leaf.group == PARAMS and len(parts) > 1:
+        if not any(np.any(p != 0) for p in parts[1:]):
+            return parts[0]  # our own layout: bit-exact, keeps -0.0
+        total = np.zeros(parts[0].shape, np.float64)
+        for p in parts:
+            total += p.astype(np.float64)
+        return total.astype(parts[0].dtype)
+    return parts[0]
