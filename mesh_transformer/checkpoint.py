@@ -263,8 +263,9 @@ def _check_params(params: Any, cfg: Config) -> None:
         try:
             leaf = params[rule.module][rule.name]
         except (KeyError, TypeError):
-            raise CheckpointError(f"params have no leaf {rule.module}/{rule.name} (mtj "
-                                  f"{rule.mtj_path(0 if rule.stacked else None)}); pass CausalTransformer params")
+            mtj = rule.mtj_path(0 if rule.stacked else None)
+            raise CheckpointError(f"params have no leaf {rule.module}/{rule.name} (mtj {mtj}); pass "
+                                  f"CausalTransformer params") from None
         want = ((cfg.layers,) if rule.stacked else ()) + L.full_shape(rule, cfg)
         if tuple(leaf.shape) != want:
             raise CheckpointError(f"params leaf {rule.module}/{rule.name} has shape {tuple(leaf.shape)} but the config "

@@ -378,27 +378,14 @@ class Sampler:
         """Completions of `texts` (each cut before the first stop string; EOS removed).
 
         shared_prefix: text every entry of `texts` starts with (the few-shot exemplars); its keys/values are computed
-        once. The split is made on tokens: the prefix is the longest run of the prefix's tokens that every text's
-        own tokenization starts with, so results are identical to running the full texts (BPE may merge across the
-        boundary, e.g. a prefix ending in "\\n\\n" followed by "Q:").
+        once and reused across batches and calls. The split is made on tokens (`split_shared_prefix`), so results
+        are identical to running the full texts. batch_size: rows per compiled batch (the last batch is padded).
+        Row i samples with fold_in(key(seed), i), independent of batch_size.
         """
         if isinstance(stop, str):
             stop = (stop,)
         stop = [s for s in stop if s]
-        rows = tokenizer.encode_batch(list(texts)) if hasattr(tokenizer, "encode_batch") else \
-            [tokenizer.encode(t) for t in texts]
-        prefix = None
-        if shared_prefix:
-            bad = [i for i, t in enumerate(texts) if not t.startswith(shared_prefix)]
-            if bad:
-                raise ValueError(f"text {bad[0]} does not start with shared_prefix; pass texts that all begin with "
-                                 f"it (or shared_prefix=None)")
-            pids = list(tokenizer.encode(shared_prefix))
-            p = len(pids)
-            for r in rows:
-                p = min(p, _common_prefix(pids, r))
-            prefix = pids[:p] or None
-            rows = [r[p:] for r in rows]
+        prefix, rows = split_shared_prefix(tokenizer, texts, shared_prefix)
         stop_tokens = np.unique(np.concatenate([self.stop_token_ids(tokenizer, s) for s in stop] or
                                                [np.zeros((0,), np.int64)]))
         stop_sequences = [seq for seq in (tokenizer.encode(s) for s in stop) if len(seq) > 1]
@@ -413,6 +400,28 @@ class Sampler:
                 ids = ids[:-1]
             completions.append(truncate_at_stop(tokenizer.decode(ids), stop))
         return completions
+
+
+def split_shared_prefix(tokenizer: Any, texts: Sequence[str], shared_prefix: Optional[str]):
+    """(prefix ids or None, each text's own ids) such that prefix + own == the text's full tokenization.
+
+    The prefix is the longest run of shared_prefix's tokens that every text's tokenization starts with: BPE may merge
+    across the boundary (GPT-2 encodes a prefix ending in "\\n\\n" as one token, but "\\n\\nQ" as "\\n", "\\n", "Q"),
+    and then the prefix gives back its last token(s) to the rows, so results equal those of the full texts."""
+    texts = list(texts)
+    rows = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+    rows = [list(r) for r in rows]
+    if not shared_prefix:
+        return None, rows
+    bad = [i for i, t in enumerate(texts) if not t.startswith(shared_prefix)]
+    if bad:
+        raise ValueError(f"text {bad[0]} does not start with shared_prefix; pass texts that all begin with it "
+                         f"(or shared_prefix=None)")
+    pids = list(tokenizer.encode(shared_prefix))
+    p = len(pids)
+    for r in rows:
+        p = min(p, _common_prefix(pids, r))
+    return (pids[:p] or None), [r[p:] for r in rows]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -1,9 +1,10 @@
 """A local Google Cloud Storage for tests: `gcp-storage-emulator` on 127.0.0.1 and a free port.
 
-Use it from a test module with `from gcs_emulator import gcs_bucket  # noqa: F401` (tests/ is on sys.path); a test
-that takes `gcs_bucket` gets a fresh, empty bucket name, and `gs://{gcs_bucket}/...` paths go to the emulator
-through google-cloud-storage and smart_open (both honour STORAGE_EMULATOR_HOST). One emulator serves the session;
-it runs in memory and is stopped at the end. Tests skip, saying why, when the emulator is not installed.
+Use it from a test module with `from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401` (tests/ is on
+sys.path; import both, as pytest looks fixtures up by name in the module). A test that takes `gcs_bucket` gets a fresh,
+empty bucket name, and `gs://{gcs_bucket}/...` paths go to the emulator through google-cloud-storage and smart_open
+(both honour STORAGE_EMULATOR_HOST). One emulator, in memory, serves the session and is stopped at its end. Tests
+skip, saying why, when the emulator is not installed.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from gcs_emulator import gcs_bucket  # noqa: F401  (pytest fixture)
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 from mesh_transformer import checkpoint as ckpt
 from mesh_transformer import mtj_layout
 from mesh_transformer.config import load_config
@@ -69,9 +69,15 @@ def known_opt_state(cfg, params, count=7, seed=1):
     return jax.tree.map(fill, make_optimizer(cfg).init(params), is_leaf=is_node), mu, nu
 
 
+_LOGITS = {}
+
+
 def logits(cfg, params):
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    if key not in _LOGITS:
+        _LOGITS[key] = jax.jit(CausalTransformer(cfg).logits)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.n_vocab, (2, 12)), jnp.int32)
-    return np.asarray(jax.jit(CausalTransformer(cfg).logits)(jax.tree.map(jnp.asarray, params), tokens))
+    return np.asarray(_LOGITS[key](jax.tree.map(jnp.asarray, params), tokens))
 
 
 def assert_trees_equal(a, b):
@@ -298,8 +304,8 @@ def test_shape_mismatch_errors_name_the_leaf_and_the_key(tmp_path):
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.load_checkpoint(str(tmp_path), tiny_cfg(d_model=128, n_heads=8))
     msg = str(e.value)
-    assert "embedding/w" in msg and "embedding_shard/~/linear/w" in msg
-    assert "(32, 64)" in msg and "(32, 128)" in msg and "'d_model': 64" in msg
+    assert "params embedding/b" in msg and "embedding_shard/~/linear/b" in msg and "shard_0/0.npz" in msg
+    assert "(64,)" in msg and "(128,)" in msg and "'d_model': 64" in msg
     with pytest.raises(ckpt.CheckpointError, match=r"'n_vocab': 256"):
         ckpt.load_checkpoint(str(tmp_path), tiny_cfg(n_vocab=512))
     with pytest.raises(ckpt.CheckpointError, match=r"'layers': 3"):
@@ -332,7 +338,8 @@ def test_crash_mid_save_keeps_the_previous_step(tmp_path, monkeypatch):
         ckpt.save_checkpoint(root, p20, 30, cfg, shards=2)
     monkeypatch.setattr(ckpt, "_write_npz", real)
 
-    assert (tmp_path / "step_20").is_dir() and (tmp_path / "step_30").is_dir()  # half-written
+    # the second save removed the first one's leftover (newer than every committed step); its own is left
+    assert not (tmp_path / "step_20").exists() and (tmp_path / "step_30").is_dir()
     assert ckpt.latest_step(root) == 10
     assert json.loads((tmp_path / "meta.json").read_text())["checkpoints"] == [10]
     assert not [n for n in os.listdir(tmp_path) if n.startswith("meta.json.tmp")]
@@ -398,3 +405,19 @@ def test_gcs_round_trip(gcs_bucket, tmp_path):  # noqa: F811
     assert_trees_equal(opt, opt_state)
     ckpt.reshard(root, str(tmp_path / "local"), 1, cfg)  # gs:// -> local
     assert_trees_equal(ckpt.load_checkpoint(str(tmp_path / "local"), cfg)[0], params)
+
+
+def test_save_sharded_device_state_from_trainer(tmp_path):
+    """What training saves: a TrainState sharded over a (dp, mp) = (4, 2) mesh of the 8 CPU devices."""
+    from mesh_transformer.train import Trainer
+    cfg = tiny_cfg(layers=1, cores_per_replica=2)
+    params = known_params(cfg)
+    opt_state, _, _ = known_opt_state(cfg, params, count=4)
+    state = Trainer(cfg).state_from_params(params, opt_state, 4)
+    assert len(state.params["layers/block/q"]["w"].sharding.device_set) == 8
+    ckpt.save_checkpoint(str(tmp_path), state, 4, cfg)  # shards = cores_per_replica
+    assert sorted(os.listdir(tmp_path / "step_4")) == ["shard_0", "shard_1"]
+    loaded, opt, step, _ = ckpt.load_checkpoint(str(tmp_path), cfg)
+    assert step == 4
+    assert_trees_equal(loaded, params)
+    assert_trees_equal(opt, opt_state)
