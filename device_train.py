@@ -1,41 +1,50 @@
 """Fine-tune or train a GPT-J on TFRecords, as mesh-transformer-jax's `device_train.py` (same flags and configs).
 
   python device_train.py --config configs/example_config.json --tune-model-path gs://bucket/step_383500/
-Without --tune-model-path it resumes from the config's checkpoint folder (gs://{bucket}/{model_dir}, or model_dir
-as a local path or URL when bucket is empty) when that holds a checkpoint, and starts from scratch otherwise.
+
+Where it starts: from the config's checkpoint folder (gs://{bucket}/{model_dir}, or model_dir as a local path or URL
+when bucket is empty) when that holds a checkpoint - an interrupted run resumes exactly, loader position included;
+else from --tune-model-path (the LR schedule restarts at step 0); else from a random initialisation (--seed).
+It checkpoints every ckpt_every steps and at the end, validates every val_every steps on each val_set, and appends
+one JSON line per step (loss, lr, grad_norm, tokens_per_s, mfu, val losses) to {model_dir}/metrics.jsonl, or to
+./logs/{name}.metrics.jsonl when model_dir is a gs:// URL.
 """
 import argparse
 import logging
+import sys
 
-from mesh_transformer.cli_util import setup_logging
+from mesh_transformer.cli_util import ERRORS_EPILOG, run_main, setup_logging
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True,
                    help="JSON config with the mtj keys (e.g. configs/example_config.json) or a preset name (tiny)")
     p.add_argument("--tune-model-path", default=None,
-                   help="v1 checkpoint folder (local or gs://, the folder holding meta.json) to fine-tune from; "
-                        "the LR schedule restarts at step 0, as the original")
+                   help="v1 checkpoint folder (local or gs://; a folder holding meta.json, or a step_N folder) to "
+                        "fine-tune from when the config's own folder has no checkpoint yet; the LR schedule restarts "
+                        "at step 0, as the original")
     p.add_argument("--fresh-opt", action="store_true", default=False,
                    help="with --tune-model-path: start with a fresh Adam state instead of the checkpoint's")
-    p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation")
+    p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation (default: 0)")
     p.add_argument("--total-steps", type=int, default=None, help="override the config's total_steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs and metrics JSONL still written)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     from mesh_transformer.config import load_config
-    from mesh_transformer.finetune import RunOptions, train
+    cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
 
-    cfg = load_config(args.config)
+    from mesh_transformer.finetune import RunOptions, train
     state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
                                   total_steps=args.total_steps, progress=not args.no_progress))
     logging.getLogger("device_train").info("done at step %d", int(state.step))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -28,6 +28,11 @@ Deviations from mtj (docs/DEVIATIONS.md):
   keep_n=None keeps every step; steps that are multiples of keep_every are never removed and stay listed in meta.json.
 - `checkpoints` keeps save order as mtj (the last entry is the latest); re-saving a step moves it to the end.
 - files are byte-reproducible: npz members carry a fixed timestamp (np.savez stamps the current time). Same format.
+
+Test hook: with the environment variable STAR_TEST_CRASH_AT_STEP=N, `save_checkpoint` of step N kills its own
+process with SIGKILL after writing some (not all) of step N's files and before meta.json names the step, so tests
+can check that a crash mid-save leaves the previous checkpoint usable and a restart resumes exactly. Never set it
+outside tests.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +60,7 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
+CRASH_ENV = "STAR_TEST_CRASH_AT_STEP"  # test hook, see the module docstring
 _SHARD_RE = re.compile(r"^shard_(\d+)$")
 
 
@@ -295,6 +302,7 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
     slim_model.py); a bare params tree or a state without optimizer also writes params only, in their dtype.
     aux: stored as meta["aux"][str(step)] (e.g. {"train_loader": ...}). keep_n / keep_every (default: the config's):
     after the commit, steps older than the last keep_n are removed unless step % keep_every == 0; keep_n None keeps all.
+    Test hook: STAR_TEST_CRASH_AT_STEP=N in the environment SIGKILLs the process half-way through writing step N.
     """
     step = int(step)
     shards = int(shards or cfg.cores_per_replica)
@@ -364,6 +372,10 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
                     per_shard[s].append(part)
             list(pool.map(lambda s: _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s]),
                           range(shards)))
+            if j == L.PIECES // 2 and os.environ.get(CRASH_ENV) == str(step):  # test hook: die mid-save
+                log.warning("%s=%d: killing this process in the middle of writing %s", CRASH_ENV, step, step_dir)
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
     log.info("wrote %s (%d shards, %d leaves each) in %.1fs", step_dir, shards, len(leaves), time.time() - t0)
 
     # 3. commit

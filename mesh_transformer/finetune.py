@@ -32,7 +32,7 @@ class RunOptions:
     fresh_opt: bool = False  # with tune_model_path: ignore its Adam state
     init_params: Any = None  # start from these params (host arrays) instead of a checkpoint or random init
     ckpt_path: Optional[str] = None  # default: checkpoint.checkpoint_dir(cfg)
-    metrics_path: Optional[str] = None  # default: {ckpt_path}/metrics.jsonl when local, else ./logs/{name}.jsonl
+    metrics_path: Optional[str] = None  # default: {ckpt_path}/metrics.jsonl when local, else ./logs/{name}.metrics.jsonl
     total_steps: Optional[int] = None  # default: cfg.total_steps
     seed: int = 0
     slim_final: bool = False  # write the last checkpoint without optimizer state (bf16 params)
@@ -49,12 +49,20 @@ def _metrics_path(cfg: Config, ckpt_path: str, explicit: Optional[str]) -> str:
 
 
 def _truncate_metrics(path: str, after_step: int) -> None:
-    """Drops lines of steps > after_step (written by a run that crashed before its next checkpoint)."""
+    """Drops lines of steps > after_step (written by a run that crashed before its next checkpoint), and a last line
+    cut short by a crash in the middle of writing it."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= after_step
+        except json.JSONDecodeError:
+            return False
+
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines if keep(line)]
     if len(kept) != len(lines):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -118,11 +126,15 @@ def evaluate(trainer: Trainer, params: Any, cfg: Config, batch: int) -> Dict[str
 def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Trainer] = None,
           on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainState:
     """Runs training to `total_steps` and returns the final state (checkpoints written on the way)."""
-    trainer = trainer or Trainer(cfg)
+    # cheap checks first: a wrong path should fail before the model is built
     ckpt_path = options.ckpt_path or ckpt.checkpoint_dir(cfg)
+    if not cfg.train_set:
+        raise ValueError("config has no 'train_set': set it to a TFRecord index file (see create_finetune_tfrecords.py)")
+    trainer = trainer or Trainer(cfg)
     total_steps = options.total_steps if options.total_steps is not None else cfg.total_steps
     batch = _global_batch(cfg, trainer)
     ga = cfg.gradient_accumulation_steps
+    loader = _make_loader(cfg, cfg.train_set, train=True, batch=batch, ga=ga)  # checks the index and its files
 
     loader_state = None
     resumed = ckpt.latest_step(ckpt_path)  # an interrupted run of this config resumes first
@@ -145,9 +157,8 @@ def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Tra
     metrics_path = _metrics_path(cfg, ckpt_path, options.metrics_path)
     _truncate_metrics(metrics_path, start)
     writer = MetricsWriter(metrics_path, cfg)
-    if not cfg.train_set:
-        raise ValueError("config has no 'train_set': set it to a TFRecord index file (see create_finetune_tfrecords.py)")
-    loader = _make_loader(cfg, cfg.train_set, train=True, batch=batch, ga=ga, state=loader_state)
+    if loader_state:
+        loader.set_state(loader_state)
     peak = device_peak_flops()
 
     def save(step: int, final: bool = False) -> None:

@@ -148,7 +148,7 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
                    prefix_logits, tokens, prompt_len, row_keys, temperature, top_k, top_p, eos_id, stop_mask,
                    stop_seqs):
     """prefill + while_loop decode. tokens [B, Tp] left-padded; prompt_len [B]; row_keys [B] PRNG key data;
-    temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1 = wildcard)."""
+    temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1: wildcard, -3: never matches)."""
     b, tp = tokens.shape
     n_prefix = 0 if prefix is None else prefix.k.shape[1]
     slots = tp + max_new - 1  # the last new token's keys are never needed
@@ -313,9 +313,12 @@ class Sampler:
         stop_ids = np.asarray(list(stop_tokens), np.int64)
         stop_mask[stop_ids[(stop_ids >= 0) & (stop_ids < v)]] = True
         seqs = [list(map(int, s)) for s in stop_sequences if len(s) > 0]
-        seq_len = max([len(s) for s in seqs], default=1)
-        stop_seqs = np.full((len(seqs), seq_len), -1, np.int32)
+        # a fixed shape (multiples of 4) so that other stop strings reuse the compiled sampler; rows of -3 never
+        # match, -1 is a wildcard left of a shorter sequence
+        seq_len = max(4, -(-max([len(s) for s in seqs], default=1) // 4) * 4)
+        stop_seqs = np.full((max(4, -(-len(seqs) // 4) * 4), seq_len), -3, np.int32)
         for i, s in enumerate(seqs):
+            stop_seqs[i, :seq_len - len(s)] = -1
             stop_seqs[i, seq_len - len(s):] = s
         eos = np.int32(-1 if eos_id is None else eos_id)
 

@@ -114,13 +114,28 @@ class JaxBackend:
         from mesh_transformer.sampling import Sampler
 
         sampler = Sampler(self.trainer.model, params, mesh=self.trainer.mesh)
-        gen = self.gen
+        gen, tok, seq = self.gen, self.tokenizer, self.cfg.seq
 
         def generate(prompts: Sequence[str], shared_prefix: str, max_new_tokens: int, stop: Sequence[str]) -> List[str]:
-            return sampler.generate(list(prompts), self.tokenizer, max_new_tokens=max_new_tokens,
-                                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                                    stop=tuple(stop), seed=gen.seed, shared_prefix=shared_prefix or None,
-                                    batch_size=gen.batch_size, max_len=self.cfg.seq)
+            texts = [shared_prefix + p for p in prompts]
+            kwargs = dict(max_new_tokens=max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                          top_p=gen.top_p, stop=tuple(stop), seed=gen.seed, batch_size=gen.batch_size)
+            # The original cut a context longer than seq to its last seq tokens; rows that need it lose the
+            # shared prefix and are run on their own.
+            too_long = [i for i, t in enumerate(texts) if len(tok.encode(t)) > seq]
+            out = [None] * len(texts)
+            fits = [i for i in range(len(texts)) if i not in set(too_long)]
+            if fits:
+                done = sampler.generate([texts[i] for i in fits], tok, shared_prefix=shared_prefix or None, **kwargs)
+                for i, c in zip(fits, done):
+                    out[i] = c
+            if too_long:
+                log.warning("%d prompt(s) longer than seq=%d tokens: truncated from the left, as the original",
+                            len(too_long), seq)
+                cut = [tok.decode(tok.encode(texts[i])[-seq:]) for i in too_long]
+                for i, c in zip(too_long, sampler.generate(cut, tok, **kwargs)):
+                    out[i] = c
+            return out
         return generate
 
     def pack(self, pairs_path: str, out_dir: str) -> str:

@@ -186,10 +186,11 @@ class StarRun:
                 prev_params = None  # loaded lazily if a later iteration needs generation
                 continue
             if prev_params is None:
-                prev_params = self.backend.load_params(os.path.join(iter_dir(o, n - 1), "ckpt")) if n > 1 else base
+                prev_params = self._latest_model(rows, n, base)
             os.makedirs(d, exist_ok=True)
             t0 = time.time()
-            log.info("iteration %d: generating with %s", n, "the base model" if n == 1 else f"M({n - 1})")
+            log.info("iteration %d: generating rationales with the model of iteration %d", n,
+                     max([m for m in rows if 0 < m < n and not rows[m].get("skipped")] or [0]))
             if o.dry_run:
                 log.info("dry run: would generate, pack, train and evaluate iteration %d", n)
                 continue
@@ -212,6 +213,13 @@ class StarRun:
             self._save(rows)
             prev_params = params
         return [rows[k] for k in sorted(rows)]
+
+    def _latest_model(self, rows: dict, n: int, base):
+        """M(n-1): the params of the last iteration before n that trained (an iteration may be skipped)."""
+        for m in range(n - 1, 0, -1):
+            if m in rows and rows[m].get("complete") and not rows[m].get("skipped"):
+                return self.backend.load_params(os.path.join(iter_dir(self.opts, m), "ckpt"))
+        return base
 
     def _save(self, rows: dict) -> None:
         ordered = [rows[k] for k in sorted(rows)]

@@ -31,7 +31,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def params(model):
-    return model.init(jax.random.PRNGKey(0))
+    return jax.jit(model.init)(jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,8 @@ def test_greedy_matches_hf_generate(model, params, greedy, tmp_path):
 def test_shared_prefix_equals_unshared(sampler, greedy):
     prefix = PROMPTS[2][:6]  # 6 tokens that the rows below all start with
     own = [p[:10] for p in PROMPTS]
-    unshared = sampler.sample([prefix + o for o in own], N_NEW)
+    unshared_rows = [prefix + o for o in own]
+    unshared = sampler.sample(unshared_rows, N_NEW)
     shared = sampler.sample(own, N_NEW, prefix=prefix)
     np.testing.assert_array_equal(shared.tokens, unshared.tokens)
     np.testing.assert_array_equal(shared.lengths, unshared.lengths)
@@ -147,8 +148,8 @@ def test_shared_prefix_equals_unshared(sampler, greedy):
     assert sampler.prefix_kv(prefix) is cached and len(sampler._prefixes) == 1
     assert again.tokens.shape == (len(own), N_NEW)
     # a row that IS the prefix continues from the prefix's last logits
-    only = sampler.sample([[], own[0]], N_NEW, prefix=prefix)
-    np.testing.assert_array_equal(only.tokens[0], sampler.sample([prefix], N_NEW).tokens[0])
+    only = sampler.sample([[]] + own[1:], N_NEW, prefix=prefix)
+    np.testing.assert_array_equal(only.tokens, sampler.sample([prefix] + unshared_rows[1:], N_NEW).tokens)
 
 
 def test_mesh_2x4_equals_single_device(model, params, sampler, greedy):
@@ -162,9 +163,9 @@ def test_mesh_2x4_equals_single_device(model, params, sampler, greedy):
 
 
 def test_batch_equals_rows_one_by_one(sampler):
-    prompts = [p for p in PROMPTS if 8 < len(p) <= 16] + [PROMPTS[1][:9]]  # one bucket (16) for the singles
-    seeds = [11, 12, 13]
-    kw = dict(temperature=[0.0, 1.0, 0.8], top_k=[0, 0, 20], top_p=[1.0, 0.9, 1.0])
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[1][:9], PROMPTS[2][:13]]  # 9..16 tokens: one bucket for the singles
+    seeds = [11, 12, 13, 14]
+    kw = dict(temperature=[0.0, 1.0, 0.8, 1.2], top_k=[0, 0, 20, 5], top_p=[1.0, 0.9, 1.0, 0.95])
     batch = sampler.sample(prompts, N_NEW, seed=seeds, **kw)
     for i, p in enumerate(prompts):
         one = sampler.sample([p], N_NEW, seed=[seeds[i]], temperature=kw["temperature"][i], top_k=kw["top_k"][i],
@@ -213,11 +214,10 @@ class ToyTokenizer:
         return "".join(self.table[int(i)] for i in ids)
 
 
-def successor_params(model, seed=1):
+def successor_params(model, like, seed=1):
     """Every layer is zeroed, so the residual carries the embedding; lm_head maps LN(emb[t]) to token t+1."""
     cfg = model.config
-    params = jax.tree.map(np.zeros_like, jax.device_get(model.init(jax.random.PRNGKey(seed))))
-    params = jax.tree.map(np.asarray, params)
+    params = jax.tree.map(lambda p: np.zeros(p.shape, np.float32), like)
     emb = np.random.default_rng(seed).standard_normal((cfg.n_vocab, cfg.d_model)).astype(np.float32)
     normed = (emb - emb.mean(-1, keepdims=True)) / np.sqrt(emb.var(-1, keepdims=True) + 1e-5)  # LN_f output
     params["embedding"]["w"] = emb
@@ -227,8 +227,8 @@ def successor_params(model, seed=1):
     return params
 
 
-def test_stop_rules_end_rows_at_the_right_token(model):
-    sampler = Sampler(model, successor_params(model))
+def test_stop_rules_end_rows_at_the_right_token(model, params):
+    sampler = Sampler(model, successor_params(model, params))
     tok = ToyTokenizer()
     n_new = 8
     texts = ["<45>",  # 46 47 48 49 then "a.\nb" (50): a token CONTAINING the stop string "\n"
@@ -279,29 +279,41 @@ def test_gpt2_stop_tokens_and_prefix_split(gpt2_tokenizer_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # logits processors
 # ---------------------------------------------------------------------------------------------------------------
+FILTER_SHAPE = (5, 64)
+_filter = jax.jit(filter_logits)
+
+
+def filt(logits, temperature, top_k, top_p):
+    """filter_logits on FILTER_SHAPE rows, settings broadcast per row (one compile for all tests)."""
+    b = logits.shape[0]
+    per_row = lambda x, dt: np.broadcast_to(np.asarray(x, dt), (b,))
+    return np.asarray(_filter(logits.astype(np.float32), per_row(temperature, np.float32),
+                              per_row(top_k, np.int32), per_row(top_p, np.float32)))
+
+
 def test_top_k_keeps_exactly_k():
-    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
-    ones = jnp.ones(4)
-    out = np.asarray(filter_logits(logits, ones, jnp.array([1, 5, 17, 0]), ones))
-    np.testing.assert_array_equal(np.isfinite(out).sum(-1), [1, 5, 17, 50])
-    for row, k in zip(range(4), (1, 5, 17, 50)):
+    logits = np.random.default_rng(0).standard_normal(FILTER_SHAPE) * 3
+    ks = [1, 5, 17, 0, 63]
+    out = filt(logits, 1.0, ks, 1.0)
+    np.testing.assert_array_equal(np.isfinite(out).sum(-1), [1, 5, 17, 64, 63])
+    for row, k in enumerate(ks):
         kept = np.flatnonzero(np.isfinite(out[row]))
-        np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-np.asarray(logits[row]))[:k]))
+        np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-logits[row])[:k or 64]))
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
-    logits = jax.random.normal(jax.random.PRNGKey(1), (5, 40)) * 2
+    logits = np.random.default_rng(1).standard_normal(FILTER_SHAPE) * 2
     ps = np.array([0.05, 0.3, 0.5, 0.9, 0.999], np.float32)
-    t = jnp.full(5, 0.7)
-    out = np.asarray(filter_logits(logits, t, jnp.zeros(5, jnp.int32), jnp.asarray(ps)))
-    probs = np.asarray(jax.nn.softmax(logits / 0.7, -1))
+    out = filt(logits, 0.7, 0, ps)
+    z = np.exp(logits / 0.7 - (logits / 0.7).max(-1, keepdims=True))
+    probs = z / z.sum(-1, keepdims=True)
     for row, p in enumerate(ps):
         order = np.argsort(-probs[row])
         m = np.isfinite(out[row]).sum()
         np.testing.assert_array_equal(np.sort(np.flatnonzero(np.isfinite(out[row]))), np.sort(order[:m]))
         assert probs[row, order[:m]].sum() >= p - 1e-6
         assert probs[row, order[:m - 1]].sum() < p
-        np.testing.assert_allclose(out[row, order[:m]], np.asarray(logits)[row, order[:m]] / 0.7, rtol=1e-6)
+        np.testing.assert_allclose(out[row, order[:m]], logits[row, order[:m]] / 0.7, rtol=1e-6)
 
 
 def test_filters_match_hf_logits_processors():
@@ -309,7 +321,7 @@ def test_filters_match_hf_logits_processors():
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
 
-    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, 64)) * 2)
+    logits = (np.random.default_rng(2).standard_normal(FILTER_SHAPE) * 2).astype(np.float32)
     for temp, k, p in [(0.7, 10, 0.8), (1.3, 0, 0.5), (1.0, 5, 1.0)]:
         scores = torch.tensor(logits)
         scores = TemperatureLogitsWarper(temp)(None, scores)
@@ -317,15 +329,14 @@ def test_filters_match_hf_logits_processors():
             scores = TopKLogitsWarper(k)(None, scores)
         if p < 1:
             scores = TopPLogitsWarper(p)(None, scores)
-        ours = np.asarray(filter_logits(jnp.asarray(logits), jnp.full(3, temp), jnp.full(3, k, jnp.int32),
-                                        jnp.full(3, p)))
+        ours = filt(logits, temp, k, p)
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(scores.numpy()))
         fin = np.isfinite(ours)
         np.testing.assert_allclose(ours[fin], scores.numpy()[fin], rtol=1e-6)
 
 
 def test_sampling_histogram_top_k_and_greedy():
-    v, n = 12, 4000
+    v, n = 12, 2000
     logits = jnp.broadcast_to(jnp.log(jnp.arange(1, v + 1, dtype=jnp.float32)), (n, v))  # p ~ 1..12
     keys = jax.random.split(jax.random.key(0), n)
     sample = jax.jit(sample_tokens)

@@ -13,7 +13,7 @@ from mesh_transformer.config import load_config
 from mesh_transformer.model import CausalTransformer, masked_lm_loss
 from mesh_transformer.train import Trainer, decay_mask, gpt3_schedule, make_optimizer, split_batch
 
-from helpers import random_params
+from helpers import assert_adam_step_close, random_params
 
 TINY = dict(layers=2, d_model=32, n_heads=4, n_vocab=128, seq=16, pe_rotary_dims=4, compute_dtype="float32")
 
@@ -43,8 +43,7 @@ def test_grad_accumulation_4xb_equals_1x4b():
         np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, err_msg=key)
     assert float(m1["tokens"]) == 4 * b * t
     assert np.abs(p1["layers/block/fc_in"]["w"] - params["layers/block/fc_in"]["w"]).max() > 1e-4  # it moved
-    # Adam's first step is ~lr * g / |g|: tiny |g| shows fp32 summation-order rounding at ~1e-3 lr
-    jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5), p4, p1)
+    assert_adam_step_close(p4, p1, lr=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,12 +78,17 @@ def test_weight_decay_only_on_matrices_counted_per_layer():
     lr, wd = 1e-2, 0.1
     cfg = load_config({**TINY, "warmup_steps": 1, "anneal_steps": 10, "lr": lr, "end_lr": 1e-3, "weight_decay": wd})
     opt = make_optimizer(cfg)
-    state = opt.init(params)
-    zeros = jax.tree.map(np.zeros_like, params)
-    p = params
-    for _ in range(2):  # step 0 has lr 0 (warm-up); step 1 has lr = lr
-        updates, state = opt.update(zeros, state, p)
-        p = jax.tree.map(lambda x, u: np.asarray(x + u), p, updates)
+
+    @jax.jit
+    def two_steps(p):
+        state = opt.init(p)
+        zeros = jax.tree.map(jnp.zeros_like, p)
+        for _ in range(2):  # step 0 has lr 0 (warm-up); step 1 has lr = lr
+            updates, state = opt.update(zeros, state, p)
+            p = jax.tree.map(jnp.add, p, updates)
+        return p
+
+    p = jax.device_get(two_steps(params))
     for mod, leaves in params.items():
         for name, before in leaves.items():
             after = p[mod][name]
@@ -152,7 +156,7 @@ def test_z_loss_formula(tiny_losses):
     _, log_z = _log_softmax64(logits)
     assert tiny_losses["model"].config.z_loss == 1e-4
     np.testing.assert_allclose(aux_z["ce"], masked, rtol=1e-6)  # ce is reported without the z term
-    np.testing.assert_allclose(with_z - masked, 1e-4 * np.mean(log_z[mask] ** 2), rtol=1e-3)
+    np.testing.assert_allclose(with_z, masked + 1e-4 * np.mean(log_z[mask] ** 2), rtol=1e-6)
     # unmasked, on arbitrary logits: 1e-4 * mean((logsumexp - max)^2)
     rs = np.random.RandomState(5)
     logits2 = (rs.standard_normal((2, 5, 11)) * 3).astype(np.float32)
@@ -161,7 +165,10 @@ def test_z_loss_formula(tiny_losses):
     logp2, log_z2 = _log_softmax64(logits2)
     ce2 = -np.take_along_axis(logp2, targets2[..., None], -1).mean()
     np.testing.assert_allclose(aux2["ce"], ce2, rtol=1e-5)
-    np.testing.assert_allclose(float(loss) - float(aux2["ce"]), 1e-4 * np.mean(log_z2 ** 2), rtol=1e-3)
+    np.testing.assert_allclose(loss, ce2 + 1e-4 * np.mean(log_z2 ** 2), rtol=1e-6)
+    # with a large coefficient the z term itself is checked to fp32 precision
+    loss_big, _ = masked_lm_loss(jnp.asarray(logits2), jnp.asarray(targets2), None, 1.0)
+    np.testing.assert_allclose(float(loss_big) - ce2, np.mean(log_z2 ** 2), rtol=1e-5)
 
 
 def test_split_batch_aligns_mask_with_targets():
@@ -198,6 +205,6 @@ def test_tiny_model_loss_falls_on_repeating_corpus():
     elapsed = time.time() - start
     print(f"\nloss fall: ce {losses[0]:.3f} -> {losses[-1]:.3f} (min {min(losses):.3f}) in {len(losses)} steps, "
           f"{elapsed:.1f}s incl. compile; ln(64) = {math.log(64):.3f}")
-    assert abs(losses[0] - math.log(64)) < 0.5  # starts near uniform
+    assert abs(losses[0] - math.log(64)) < 1.0  # starts near uniform (mtj init: logit std ~0.9)
     assert losses[-1] < losses[0] / 2
     assert int(state.step) == cfg.total_steps
