@@ -8,10 +8,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mesh_transformer.cli_util import ERRORS_EPILOG
+    p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--config", required=True, help="JSON config; its checkpoint folder (bucket/model_dir) is loaded")
     a("--direct", action="store_true", help="answer directly, with the direct prompts (no rationale)")
@@ -48,7 +51,9 @@ def main(argv=None):
     from star.tasks import get_task
 
     aliases = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
-    task = get_task(aliases.get(args.dataset_mode, args.dataset_mode), data_dir=args.data_dir, seed=args.seed)
+    # --seed is the train sample's seed (as in iteration_train.py), not the arithmetic task's data seed; only
+    # arithmetic takes a seed, and CQA / GSM8K reject one
+    task = get_task(aliases.get(args.dataset_mode, args.dataset_mode), data_dir=args.data_dir)
     cfg = load_config(args.config)
     if args.eval_seq > 0:
         cfg = cfg.replace(seq=args.eval_seq)
@@ -85,4 +90,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from mesh_transformer.cli_util import run_main
+    sys.exit(run_main(main))

@@ -42,7 +42,9 @@ TASK_ALIASES = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mesh_transformer.cli_util import ERRORS_EPILOG
+    p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task", default="arithmetic",
       help="arithmetic (default: the CPU demo), commonsenseqa (cqa) or gsm8k (gsm)")
@@ -138,4 +140,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from mesh_transformer.cli_util import run_main
+    sys.exit(run_main(main))

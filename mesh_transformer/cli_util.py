@@ -10,7 +10,8 @@ import sys
 from typing import Callable, Optional, Sequence
 
 DEBUG_ENV = "STAR_DEBUG"
-ERRORS_EPILOG = f"On an error the tool prints one line `error: ...` and exits with 1; set {DEBUG_ENV}=1 for a traceback."
+ERRORS_EPILOG = (f"On an error the tool prints one line `error: ...` and exits with 1; set {DEBUG_ENV}=1 for a "
+                 f"traceback.")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -58,11 +58,20 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dims: int) -> jax.Ar
 class KVSegment(NamedTuple):
     """Keys/values one query block attends to, with a boolean mask broadcastable to [B, 1, T, S].
 
-    k, v: [B, S, H, Dh], or [S, H, Dh] for a segment shared by every row (the few-shot prefix).
+    k, v: [B, S, H, Dh], or [S, H, Dh] for a segment shared by every row (the few-shot prefix); with heads_first,
+    [B, H, S, Dh] or [H, S, Dh] (a decode cache laid out so that no step transposes it).
     """
     k: jax.Array
     v: jax.Array
     mask: jax.Array
+    heads_first: bool = False
+
+
+# (shared by all rows, heads_first) -> einsum of the scores q.k and of the output p.v
+_SCORE_EQ = {(False, False): "bthd,bshd->bhts", (True, False): "bthd,shd->bhts",
+             (False, True): "bthd,bhsd->bhts", (True, True): "bthd,hsd->bhts"}
+_VALUE_EQ = {(False, False): "bhts,bshd->bthd", (True, False): "bhts,shd->bthd",
+             (False, True): "bhts,bhsd->bthd", (True, True): "bhts,hsd->bthd"}
 
 
 def segment_attention(q: jax.Array, segments: Sequence[KVSegment]) -> jax.Array:
@@ -70,16 +79,16 @@ def segment_attention(q: jax.Array, segments: Sequence[KVSegment]) -> jax.Array:
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = []
     for seg in segments:
-        eq = "bthd,shd->bhts" if seg.k.ndim == 3 else "bthd,bshd->bhts"
+        eq = _SCORE_EQ[(seg.k.ndim == 3, seg.heads_first)]
         s = jnp.einsum(eq, q, seg.k, preferred_element_type=jnp.float32) * scale  # [B, H, T, S]
         scores.append(jnp.where(seg.mask, s, NEG_INF))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S], float32
     out = 0.0
     start = 0
     for seg in segments:
-        length = seg.k.shape[-3]
+        length = seg.k.shape[-2] if seg.heads_first else seg.k.shape[-3]
         p = probs[..., start:start + length].astype(seg.v.dtype)  # [B, H, T, S]
-        eq = "bhts,shd->bthd" if seg.v.ndim == 3 else "bhts,bshd->bthd"
+        eq = _VALUE_EQ[(seg.v.ndim == 3, seg.heads_first)]
         out = out + jnp.einsum(eq, p, seg.v, preferred_element_type=jnp.float32)
         start += length
     return out.astype(q.dtype)  # [B, T, H, Dh]
@@ -108,11 +117,13 @@ def _trunc(stddev: float) -> hk.initializers.Initializer:
 
 class LayerCache(NamedTuple):
     """What one layer reads of the decoding state (read only: new keys are returned, not written in place)."""
-    k: jax.Array  # [B, S, H, Dh]
-    v: jax.Array  # [B, S, H, Dh]
+    k: jax.Array  # [B, S, H, Dh] ([B, H, S, Dh] with heads_first)
+    v: jax.Array  # [B, S, H, Dh] ([B, H, S, Dh] with heads_first)
     mask: jax.Array  # [B, 1, T, S]
-    prefix_k: Optional[jax.Array] = None  # [P, H, Dh]
-    prefix_v: Optional[jax.Array] = None  # [P, H, Dh]
+    prefix_k: Optional[jax.Array] = None  # [P, H, Dh] ([H, P, Dh] with prefix_heads_first)
+    prefix_v: Optional[jax.Array] = None  # [P, H, Dh] ([H, P, Dh] with prefix_heads_first)
+    heads_first: bool = False
+    prefix_heads_first: bool = False
 
 
 class GPTJBlock(hk.Module):
@@ -145,9 +156,10 @@ class GPTJBlock(hk.Module):
         else:
             segments = []
             if cache is not None and cache.prefix_k is not None:
-                segments.append(KVSegment(cache.prefix_k, cache.prefix_v, jnp.ones((1, 1, 1, 1), bool)))
+                segments.append(KVSegment(cache.prefix_k, cache.prefix_v, jnp.ones((1, 1, 1, 1), bool),
+                                          cache.prefix_heads_first))
             if cache is not None:
-                segments.append(KVSegment(cache.k, cache.v, cache.mask))
+                segments.append(KVSegment(cache.k, cache.v, cache.mask, cache.heads_first))
             segments.append(KVSegment(k, v, causal_mask(token_valid)))
             attn = segment_attention(q, segments)  # [B, T, H, Dh]
         attn_out = hk.Linear(d, with_bias=False, w_init=out_init, name="out")(attn.reshape(b, t, inner))

@@ -45,6 +45,22 @@ class PrefixKV(NamedTuple):
     v: jax.Array  # [L, P, H, Dh]
 
 
+class HeadMajorKVCache(NamedTuple):
+    """A KVCache laid out [L, B, H, S, Dh] for decoding: each (row, head) reads its keys contiguously, so attention
+    needs no transpose of the whole cache per step (the [L, B, S, H, Dh] layout costs one, ~16x slower attention
+    on CPU). `forward` still returns new keys/values [L, B, T, H, Dh]; the writer transposes those few."""
+    k: jax.Array  # [L, B, H, S, Dh]
+    v: jax.Array  # [L, B, H, S, Dh]
+    pos: jax.Array  # [B, S] int32
+    valid: jax.Array  # [B, S] bool
+
+
+class HeadMajorPrefixKV(NamedTuple):
+    """A PrefixKV laid out [L, H, P, Dh] (see HeadMajorKVCache)."""
+    k: jax.Array  # [L, H, P, Dh]
+    v: jax.Array  # [L, H, P, Dh]
+
+
 def _remat_policy(name: str):
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -72,7 +88,9 @@ class CausalTransformer:
                 pk, pv = (per_layer[2], per_layer[3]) if prefix is not None else (None, None)
                 # slot s is visible to new token t when it holds a real token at an earlier or equal position
                 mask = cache.valid[:, None, None, :] & (cache.pos[:, None, None, :] <= positions[:, None, :, None])
-                layer_cache = LayerCache(ck, cv, mask, pk, pv)  # mask [B, 1, T, S]
+                layer_cache = LayerCache(ck, cv, mask, pk, pv,  # mask [B, 1, T, S]
+                                         heads_first=isinstance(cache, HeadMajorKVCache),
+                                         prefix_heads_first=isinstance(prefix, HeadMajorPrefixKV))
             block = GPTJBlock(cfg.n_heads, cfg.d_head, cfg.ffn_dim, cfg.rotary_dims, cfg.layers,
                               attention_impl=cfg.attention_impl, name="block")
             x, k, v = block(x, positions, token_valid, layer_cache)
@@ -138,9 +156,14 @@ class CausalTransformer:
         logits = self.logits(params, tokens)  # [B, T, V]
         return masked_lm_loss(logits, targets, loss_mask, self.config.z_loss if z_loss else 0.0)
 
-    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+    def init_cache(self, batch: int, slots: int, dtype=None, heads_first: bool = False) -> KVCache:
+        """An empty KVCache [L, B, S, H, Dh] (a HeadMajorKVCache [L, B, H, S, Dh] with heads_first)."""
         cfg = self.config
         dtype = dtype or _DTYPES[cfg.compute_dtype]
+        if heads_first:
+            shape = (cfg.layers, batch, cfg.n_heads, slots, cfg.d_head)
+            return HeadMajorKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                                    jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
         shape = (cfg.layers, batch, slots, cfg.n_heads, cfg.d_head)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                        jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))

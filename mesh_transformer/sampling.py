@@ -8,13 +8,16 @@ Shape glossary: B rows, Tp padded prompt length (a bucket), N max new tokens, S 
 P shared-prefix tokens, V vocabulary, L layers, H heads, Dh d_head.
 
 Design
-  * The KV cache [L, B, S, H, Dh] is allocated inside the jitted function and carried by the while loop, so every
+  * The KV cache is allocated inside the jitted function and carried by the while loop, so every
     `lax.dynamic_update_slice` into it is in place; nothing crosses the jit boundary but tokens and params.
+    It is head-major ([L, B, H, S, Dh], `HeadMajorKVCache`; the prefix [L, H, P, Dh]): attention then reads each
+    (row, head)'s keys contiguously, where the model's default [L, B, S, H, Dh] layout makes XLA transpose the
+    whole cache at every step (measured 16x slower attention on CPU).
   * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 up to 64, then multiples of 64), so the
     last prompt token of every row sits at index Tp-1 and compiles stay few. A row's positions count from 0 (from P
     with a shared prefix) after its padding; pads have token_valid False and are never attended to.
   * Shared prefix (few-shot exemplars): its keys/values are computed once (batch 1) and stored as one
-    `PrefixKV` [L, P, H, Dh] that every row attends to, cached by its token ids across calls and batches, so neither
+    `HeadMajorPrefixKV` [L, H, P, Dh] that every row attends to, cached by its token ids across calls and batches, so neither
     memory nor prefill time scales with batch x prefix length.
   * Stops, per row, checked on device each step: EOS; any token in `stop_tokens` (for a stop string: every vocabulary
     token whose decoded text CONTAINS it, so BPE tokens such as ".\\n" stop on "\\n"; exact whenever the stop string
@@ -40,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .model import CausalTransformer, KVCache, PrefixKV
-from .sharding import DP, MP, cache_specs, make_mesh, named, param_specs
+from .model import CausalTransformer, HeadMajorKVCache, HeadMajorPrefixKV, KVCache, PrefixKV
+from .sharding import DP, MP, make_mesh, named, param_specs
 
 Array = jax.Array
 FloatOrSeq = Union[float, Sequence[float]]
@@ -99,32 +102,35 @@ def sample_tokens(logits: Array, temperature: Array, top_k: Array, top_p: Array,
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill and one decode step over a preallocated cache
 # ---------------------------------------------------------------------------------------------------------------
-def write_cache(cache: KVCache, k: Array, v: Array, positions: Array, valid: Array, slot) -> KVCache:
+def write_cache(cache, k: Array, v: Array, positions: Array, valid: Array, slot):
     """Writes new keys/values k, v [L, B, T, H, Dh] (and their positions, validity [B, T]) at slots
-    [slot, slot + T), in place under jit."""
+    [slot, slot + T) of a KVCache or HeadMajorKVCache, in place under jit."""
     z = jnp.zeros((), jnp.int32)
     slot = jnp.asarray(slot, jnp.int32)
-    return KVCache(
-        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (z, z, slot, z, z)),
-        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (z, z, slot, z, z)),
+    at = (z, z, slot, z, z)
+    if isinstance(cache, HeadMajorKVCache):
+        k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # [L, B, H, T, Dh]
+        at = (z, z, z, slot, z)
+    return type(cache)(
+        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
         jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (z, slot)),
         jax.lax.dynamic_update_slice(cache.valid, valid, (z, slot)))
 
 
 def prefill(model: CausalTransformer, params: Any, tokens: Array, positions: Array, valid: Array,
-            slots: int, prefix: Optional[PrefixKV] = None):
+            slots: int, prefix=None, heads_first: bool = True):
     """Runs the prompts tokens [B, Tp] (left-padded) and returns (logits of the last slot [B, V], a cache of `slots`
-    slots holding the prompts' keys/values in slots [0, Tp))."""
+    slots holding the prompts' keys/values in slots [0, Tp); a HeadMajorKVCache unless heads_first is False)."""
     b, t = tokens.shape
     empty = model.init_cache(b, 0) if prefix is not None else None  # the model needs a cache to read a prefix
     logits, k, v = model.forward(params, tokens, positions, valid, empty, prefix)  # [B, Tp, V], [L, B, Tp, H, Dh]
-    cache = model.init_cache(b, slots)
+    cache = model.init_cache(b, slots, heads_first=heads_first)
     cache = write_cache(cache, k, v, positions, valid, 0)
     return logits[:, -1], cache
 
 
-def decode_step(model: CausalTransformer, params: Any, cache: KVCache, tokens: Array, positions: Array, slot,
-                prefix: Optional[PrefixKV] = None):
+def decode_step(model: CausalTransformer, params: Any, cache, tokens: Array, positions: Array, slot, prefix=None):
     """Feeds one token per row (tokens, positions [B]) and writes its keys/values at `slot`.
     Returns (logits [B, V], updated cache)."""
     b = tokens.shape[0]
@@ -144,15 +150,15 @@ class SampleOutput(NamedTuple):
     logprobs: np.ndarray  # [n, N] float32
 
 
-def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, prefix: Optional[PrefixKV],
+def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, prefix: Optional[HeadMajorPrefixKV],
                    prefix_logits, tokens, prompt_len, row_keys, temperature, top_k, top_p, eos_id, stop_mask,
                    stop_seqs):
     """prefill + while_loop decode. tokens [B, Tp] left-padded; prompt_len [B]; row_keys [B] PRNG key data;
     temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1: wildcard, -3: never matches)."""
     b, tp = tokens.shape
-    n_prefix = 0 if prefix is None else prefix.k.shape[1]
+    n_prefix = 0 if prefix is None else prefix.k.shape[2]  # [L, H, P, Dh]
     slots = tp + max_new - 1  # the last new token's keys are never needed
-    kv_sharding = named(mesh, cache_specs())
+    kv_sharding = named(mesh, _cache_specs())
     row = NamedSharding(mesh, P(DP))
 
     idx = jnp.arange(tp, dtype=jnp.int32)[None, :]
@@ -212,6 +218,12 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
     return out, jax.lax.with_sharding_constraint(state["lengths"], row), state["logp"]
 
 
+def _cache_specs() -> HeadMajorKVCache:
+    """HeadMajorKVCache [L, B, H, S, Dh]: rows over dp, heads over mp (as sharding.cache_specs for KVCache)."""
+    kv = P(None, DP, MP, None, None)
+    return HeadMajorKVCache(kv, kv, P(DP, None), P(DP, None))
+
+
 def bucket_length(n: int) -> int:
     """Padded prompt length for n tokens: powers of two from 8 to 64, then multiples of 64."""
     if n <= 64:
@@ -245,8 +257,8 @@ class Sampler:
         shardings = named(self.mesh, param_specs(params))
         self.params = jax.tree.map(lambda p, s: model.cast_for_compute(jax.device_put(p, s)), params, shardings)
         self._generate = jax.jit(functools.partial(_generate_impl, model, self.mesh), static_argnums=(0,))
-        prefix_spec = NamedSharding(self.mesh, P(None, None, MP, None))
-        self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(PrefixKV(prefix_spec, prefix_spec),
+        prefix_spec = NamedSharding(self.mesh, P(None, MP, None, None))
+        self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(HeadMajorPrefixKV(prefix_spec, prefix_spec),
                                                                     NamedSharding(self.mesh, P())))
         self._prefixes: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._prefix_cache_size = prefix_cache_size
@@ -259,10 +271,10 @@ class Sampler:
     # ----------------------------------------------------------------- shared prefix
     def _prefix_impl(self, params, tokens):
         logits, k, v = self.model.forward(params, tokens)  # [1, P, V], [L, 1, P, H, Dh]
-        return PrefixKV(k[:, 0], v[:, 0]), logits[0, -1]
+        return HeadMajorPrefixKV(k[:, 0].transpose(0, 2, 1, 3), v[:, 0].transpose(0, 2, 1, 3)), logits[0, -1]
 
-    def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[PrefixKV, Array]:
-        """(PrefixKV [L, P, H, Dh], logits after the prefix [V]), computed once per distinct prefix (LRU cache)."""
+    def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[HeadMajorPrefixKV, Array]:
+        """(HeadMajorPrefixKV [L, H, P, Dh], logits after the prefix [V]), computed once per distinct prefix (LRU)."""
         key = tuple(int(i) for i in prefix_ids)
         if key in self._prefixes:
             self._prefixes.move_to_end(key)

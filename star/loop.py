@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from typing import Any, List, Optional
 
@@ -21,6 +22,23 @@ from . import report
 from .rationales import EOT, PassOptions, accuracy_by_class, run_pass, summarize, training_example
 
 log = logging.getLogger("star")
+
+# Test hook: STAR_TEST_KILL_AT="generate" | "train" | "eval", optionally ":N" for iteration N (default 1), SIGKILLs the
+# process right after the first chunk of that iteration's rationales (generate) or dev answers (eval) is on disk, or
+# at the first training step after a checkpoint of that iteration was committed (train). tests/test_star_loop.py uses
+# it to check that rerunning the command after a crash gives the uninterrupted run's files.
+KILL_ENV = "STAR_TEST_KILL_AT"
+
+
+def _test_kill_hook(stage: str, n: int) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    want, _, at = spec.partition(":")
+    if want == stage and n == int(at or 1):
+        log.warning("%s=%s: killing this process (test hook)", KILL_ENV, spec)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclasses.dataclass
@@ -108,7 +126,8 @@ def _read_json(path: str) -> Optional[dict]:
 
 class StarRun:
     """Runs the loop. `backend` supplies the model: `base_params()`, `load_params(ckpt_dir)`,
-    `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir)` and `pack(text_path, out_dir)`."""
+    `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir, desc=, on_step=)` and
+    `pack(pairs_path, out_dir)`."""
 
     def __init__(self, opts: StarOptions, task, backend, title: Optional[str] = None):
         self.opts, self.task, self.backend = opts, task, backend
@@ -119,6 +138,10 @@ class StarRun:
         self.dev_examples = task.load("dev")
         if opts.n_dev_samples:
             self.dev_examples = self.dev_examples[:opts.n_dev_samples]
+        # read the prompt files now: a missing one should fail before the model is loaded, not after the base eval
+        task.few_shot_prompt(hint=False, direct=opts.direct)
+        if opts.rationalize:
+            task.few_shot_prompt(hint=True, direct=opts.direct)
 
     # ------------------------------------------------------------------ stages
     def _pass_options(self, n: int, split: str) -> PassOptions:
@@ -141,7 +164,8 @@ class StarRun:
         if done is not None:
             return done
         records = run_pass(self.task, self.dev_examples, self.backend.generate_fn(params),
-                           self._pass_options(n, "dev"), os.path.join(d, "eval.jsonl"))
+                           self._pass_options(n, "dev"), os.path.join(d, "eval.jsonl"),
+                           on_chunk=lambda: _test_kill_hook("eval", n))
         result = {"accuracy": accuracy_by_class(records), "n": len(records)}
         _write_atomic(os.path.join(d, "eval.json"), json.dumps(result, indent=2))
         return result
@@ -156,7 +180,7 @@ class StarRun:
         by_id = {ex.id: ex for ex in examples}
         opts = self._pass_options(n, "train")
         records = run_pass(self.task, examples, self.backend.generate_fn(params), opts,
-                           os.path.join(d, "rationales.jsonl"))
+                           os.path.join(d, "rationales.jsonl"), on_chunk=lambda: _test_kill_hook("generate", n))
         pairs = [training_example(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
         if self.opts.copy_n and n > 1:  # the original also copied the last copy_n examples of the previous iteration
             prev = _read_jsonl_pairs(os.path.join(iter_dir(self.opts, n - 1), "train.jsonl"))
@@ -205,7 +229,13 @@ class StarRun:
             index = self.backend.pack(os.path.join(d, "train.jsonl"), os.path.join(d, "records"))
             steps = n_steps(o, n, gen["kept"])
             row["steps"] = steps
-            params = self.backend.finetune(base, index, steps, os.path.join(d, "ckpt"), desc=f"iter {n} train")
+            ckpt_dir = os.path.join(d, "ckpt")
+
+            def on_step(step, record, n=n, ckpt_dir=ckpt_dir):
+                if os.path.exists(os.path.join(ckpt_dir, "meta.json")):  # a checkpoint of this iteration exists
+                    _test_kill_hook("train", n)
+
+            params = self.backend.finetune(base, index, steps, ckpt_dir, desc=f"iter {n} train", on_step=on_step)
             if not o.skip_eval:
                 row["dev_accuracy"] = self.evaluate(n, params)["accuracy"]
             row.update(complete=True, seconds=time.time() - t0)

@@ -79,7 +79,7 @@ def _rewrite_jsonl(path: str, records: Iterable[dict]) -> None:
 
 
 def _generate_records(task, examples, generate_fn: GenerateFn, opts: PassOptions, hint: bool,
-                      out_path: str, done: Dict[str, dict], bar) -> None:
+                      out_path: str, done: Dict[str, dict], bar, on_chunk: Optional[Callable[[], None]]) -> None:
     """Answers `examples` (hinted or not), appending one record per example to out_path in chunks."""
     prompt = "" if opts.no_prompt else task.few_shot_prompt(hint=hint, direct=opts.direct)
     todo = [ex for ex in examples if _record_key(ex.id, hint) not in done]
@@ -95,6 +95,8 @@ def _generate_records(task, examples, generate_fn: GenerateFn, opts: PassOptions
         with open(out_path, "a") as f:  # one write per chunk; a torn tail is dropped on read
             f.writelines(lines)
         bar.update(len(chunk))
+        if on_chunk is not None:
+            on_chunk()
 
 
 def _record_key(example_id: str, hint: bool) -> str:
@@ -128,11 +130,13 @@ def training_text(task, record: dict, ex, opts: PassOptions) -> str:
     return context + completion + EOT
 
 
-def run_pass(task, examples: Sequence, generate_fn: GenerateFn, opts: PassOptions, out_path: str) -> List[dict]:
+def run_pass(task, examples: Sequence, generate_fn: GenerateFn, opts: PassOptions, out_path: str,
+             on_chunk: Optional[Callable[[], None]] = None) -> List[dict]:
     """Generates (and rationalizes) for every example; returns one final record per example, in input order.
 
     `out_path` (JSONL) holds every attempt; existing lines are reused, so calling again after a crash continues.
-    A final record carries `keep` (True when its rationale goes into the training set).
+    A final record carries `keep` (True when its rationale goes into the training set). `on_chunk()` is called after
+    each chunk of records has been appended to out_path (the loop's kill test hook uses it).
     """
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     existing = read_jsonl(out_path)
@@ -141,13 +145,13 @@ def run_pass(task, examples: Sequence, generate_fn: GenerateFn, opts: PassOption
         _rewrite_jsonl(out_path, done.values())  # drop a torn tail or duplicates before appending
     bar = tqdm(total=len(examples), initial=sum(1 for ex in examples if _record_key(ex.id, False) in done),
                desc=opts.desc, disable=not opts.progress, dynamic_ncols=True)
-    _generate_records(task, examples, generate_fn, opts, False, out_path, done, bar)
+    _generate_records(task, examples, generate_fn, opts, False, out_path, done, bar, on_chunk)
     bar.close()
     if opts.rationalize:
         wrong = [ex for ex in examples if _needs_hint(done, ex, opts)]
         bar = tqdm(total=len(wrong), initial=sum(1 for ex in wrong if _record_key(ex.id, True) in done),
                    desc=opts.desc + " (rationalize)", disable=not opts.progress, dynamic_ncols=True)
-        _generate_records(task, wrong, generate_fn, opts, True, out_path, done, bar)
+        _generate_records(task, wrong, generate_fn, opts, True, out_path, done, bar, on_chunk)
         bar.close()
     final = []
     for ex in examples:

@@ -15,6 +15,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # 2 layers, d_model 64, byte tokenizer (ids 0..256; n_vocab 264 divides by 1, 2, 4 and 8 shards)
 TINY = dict(layers=2, d_model=64, n_heads=4, n_vocab=264, seq=32, pe_rotary_dims=8, compute_dtype="float32",
             tokenizer="byte")
+# training keys of the CLI runs: mesh (1, 2), 2 x 4 sequences per step. Runs with equal keys (and shapes) share one
+# compiled train step through the session's compilation cache, across test modules.
+TRAIN_KEYS = dict(cores_per_replica=2, per_replica_batch=4, gradient_accumulation_steps=2, warmup_steps=2,
+                  anneal_steps=20, lr=3e-3, end_lr=3e-4, weight_decay=0.1)
 
 
 def generated_text(n_docs: int, seed: int) -> str:
@@ -47,11 +51,19 @@ def write_config(path: pathlib.Path, **keys) -> str:
     return str(path)
 
 
+def xla_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """One persistent compilation cache for the test session: CLI runs of the same program (same shapes, mesh and
+    hyper-parameters) in any test module compile it once."""
+    return tmp_path_factory.getbasetemp() / "xla_cache"
+
+
 def cli_env(devices: int, cache_dir: Optional[pathlib.Path] = None, **extra: str) -> dict:
-    """Environment of a CLI subprocess: `devices` CPU devices, the persistent compilation cache (every run of the
-    same config then compiles once per session), and `extra` variables."""
+    """Environment of a CLI subprocess: `devices` CPU devices, XLA's backend optimisations off (the tiny models'
+    compile time, not their run time, dominates these tests: this halves it; runs that are compared all use the
+    same flags), the persistent compilation cache (every run of the same config then compiles once per session),
+    and `extra` variables."""
     env = {k: v for k, v in os.environ.items() if k != "STAR_TEST_CRASH_AT_STEP"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if cache_dir is not None:
@@ -70,7 +82,8 @@ def run_cli(script: str, args: Sequence[str], env: dict, cwd: Optional[pathlib.P
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                  f"stderr:\n{proc.stderr[-5000:]}")
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:

@@ -28,16 +28,32 @@ def random_params(model: CausalTransformer, seed: int = 0, bias_scale: float = 0
     return out
 
 
-def assert_adam_step_close(new, ref, lr: float) -> None:
-    """Params after one Adam step, computed two ways (sharded / accumulated) vs a reference.
+def adam_mu(opt_state):
+    """The first-moment tree of the (single) scale_by_adam in an optax chain state: after one step it is
+    (1 - b1) * the clipped mean gradient, linear in the gradient, so it compares gradients exactly."""
+    import optax
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1, "expected one scale_by_adam in the optimizer chain"
+    return found[0].mu
 
-    Adam's first update is lr * g / (|g| + eps), about lr * sign(g), so where |g| is tiny the fp32 rounding of g
-    (reduction order) is amplified up to a few percent of lr. We demand: every element within 5% of lr, and all but
-    0.1% of elements within fp32 rounding (1e-6 abs + 1e-5 rel)."""
-    def check(a, b):
+
+def assert_same_first_step(new, ref, new_mu, ref_mu, lr: float) -> None:
+    """One optimizer step computed two ways (sharded / accumulated) vs a reference.
+
+    The gradients (Adam's first moment) must agree to fp32 rounding. The params then agree to fp32 rounding too,
+    except where the gradient is tiny: Adam's first update is lr * g / (|g| + eps), about lr * sign(g), which
+    amplifies the rounding of a near-zero g up to O(lr). Those elements must be rare and have near-zero gradients."""
+    def check_mu(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    jax.tree.map(check_mu, new_mu, ref_mu)
+
+    def check(a, b, mu):
+        a, b, mu = (np.asarray(x, np.float64) for x in (a, b, mu))
         diff = np.abs(a - b)
-        assert diff.max() <= 0.05 * lr, f"max diff {diff.max():.3g} > 5% of lr {lr}"
+        assert diff.max() <= 2.5 * lr, f"max diff {diff.max():.3g} is more than one step of lr {lr}"
         loose = diff > 1e-6 + 1e-5 * np.abs(b)
         assert loose.mean() <= 1e-3, f"{loose.sum()} of {loose.size} elements differ beyond fp32 rounding"
-    jax.tree.map(check, new, ref)
+        assert np.all(np.abs(mu[loose]) <= 1e-3 * np.abs(mu).max()), "a large gradient gave a different update"
+    jax.tree.map(check, new, ref, ref_mu)

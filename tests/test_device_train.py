@@ -13,12 +13,15 @@ import json
 import math
 import pathlib
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from cli_helpers import TINY, check_ok, cli_env, error_line, make_dataset, read_metrics, run_cli, write_config
+from cli_helpers import (TINY, TRAIN_KEYS, check_ok, cli_env, error_line, make_dataset, read_metrics, run_cli,
+                         write_config, xla_cache_dir)
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 from mesh_transformer import checkpoint as ckpt
 from mesh_transformer.config import load_config
@@ -34,11 +37,9 @@ def work(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("device_train")
     train_index = make_dataset(root / "data", "train", n_docs=400, seed=1)
     val_index = make_dataset(root / "data", "val", n_docs=40, seed=2)
-    train_keys = dict(cores_per_replica=2, per_replica_batch=4, gradient_accumulation_steps=2, warmup_steps=2,
-                      anneal_steps=20, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=STEPS,
-                      ckpt_every=CKPT_EVERY, keep_n=2, train_set=train_index, val_set={"val": val_index},
-                      val_every=2, val_batches=2, name="tiny_run")
-    return {"root": root, "keys": train_keys, "cache": root / "xla_cache", "train_index": train_index}
+    train_keys = dict(**TRAIN_KEYS, total_steps=STEPS, ckpt_every=CKPT_EVERY, keep_n=2, train_set=train_index,
+                      val_set={"val": val_index}, val_every=2, val_batches=2, name="tiny_run")
+    return {"root": root, "keys": train_keys, "cache": xla_cache_dir(tmp_path_factory), "train_index": train_index}
 
 
 def _train(work, config: str, cwd=None, **env) -> object:
@@ -138,31 +139,50 @@ def test_crash_resume_with_checkpoints_on_gcs(work, run_a, gcs_bucket, tmp_path)
 # ---------------------------------------------------------------------------------------------------------------
 # 4: dp x mp meshes agree
 # ---------------------------------------------------------------------------------------------------------------
-def test_meshes_give_the_same_losses(work, tmp_path):
-    from helpers import random_params
-    from mesh_transformer.finetune import RunOptions, train
-    from mesh_transformer.model import CausalTransformer
-    from mesh_transformer.sharding import make_mesh
-    from mesh_transformer.train import Trainer
+MESH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[3])
+from helpers import random_params
+from mesh_transformer.config import load_config
+from mesh_transformer.finetune import RunOptions, train
+from mesh_transformer.model import CausalTransformer
+from mesh_transformer.sharding import make_mesh
+from mesh_transformer.train import Trainer
 
-    global_batch, steps = 8, 5
+base, out = json.loads(sys.argv[1]), sys.argv[2]
+params = random_params(CausalTransformer(load_config(base)), seed=3)
+losses = {}
+for dp, mp in [(1, 1), (1, 4), (2, 4)]:
+    cfg = load_config({**base, "cores_per_replica": mp, "per_replica_batch": base["per_replica_batch"] // dp,
+                       "model_dir": f"{out}/mesh_{dp}x{mp}"})
+    trainer = Trainer(cfg, mesh=make_mesh(mp, devices=jax.devices()[:dp * mp]))
+    assert dict(trainer.mesh.shape) == {"dp": dp, "mp": mp}, trainer.mesh.shape
+    seen = []
+    train(cfg, RunOptions(init_params=params, progress=False), trainer=trainer,
+          on_step=lambda step, rec: seen.append(rec["loss"]))
+    losses[f"{dp}x{mp}"] = seen
+print("LOSSES " + json.dumps(losses))
+"""
+
+
+def test_meshes_give_the_same_losses(work, tmp_path):
+    """The same 5 steps (same init, same global batch of 8) on meshes (dp, mp) = (1,1), (1,4), (2,4): one process
+    with 8 CPU devices, each mesh on the first dp * mp of them; per_replica_batch = 8 / dp."""
+    steps = 5
     base = {**TINY, "warmup_steps": 1, "anneal_steps": 10, "lr": 2e-3, "end_lr": 2e-4, "weight_decay": 0.1,
-            "train_set": work["train_index"], "total_steps": steps}
-    params = random_params(CausalTransformer(load_config(base)), seed=3)
-    losses = {}
-    for dp, mp in [(1, 1), (1, 4), (2, 4)]:
-        cfg = load_config({**base, "cores_per_replica": mp, "per_replica_batch": global_batch // dp,
-                           "model_dir": str(tmp_path / f"mesh_{dp}x{mp}")})
-        trainer = Trainer(cfg, mesh=make_mesh(mp, devices=jax.devices()[:dp * mp]))
-        assert dict(trainer.mesh.shape) == {"dp": dp, "mp": mp}
-        seen = []
-        train(cfg, RunOptions(init_params=params, progress=False), trainer=trainer,
-              on_step=lambda step, rec: seen.append(rec["loss"]))
-        losses[(dp, mp)] = np.asarray(seen)
-    print({k: v.round(5).tolist() for k, v in losses.items()})
-    assert len(losses[(1, 1)]) == steps and losses[(1, 1)][-1] < losses[(1, 1)][0]
-    np.testing.assert_allclose(losses[(1, 4)], losses[(1, 1)], rtol=1e-5)
-    np.testing.assert_allclose(losses[(2, 4)], losses[(1, 1)], rtol=1e-5)
+            "train_set": work["train_index"], "total_steps": steps, "per_replica_batch": 8}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(base), str(tmp_path),
+                           str(pathlib.Path(__file__).parent)], cwd=str(tmp_path), env=cli_env(8, work["cache"]),
+                          capture_output=True, text=True, timeout=600)
+    check_ok(proc)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("LOSSES ")][-1]
+    losses = {k: np.asarray(v) for k, v in json.loads(line[len("LOSSES "):]).items()}
+    worst = max(float(np.max(np.abs(v / losses["1x1"] - 1))) for v in losses.values())
+    print(f"losses per mesh {({k: v.round(5).tolist() for k, v in losses.items()})}; max rel diff {worst:.1e}")
+    assert len(losses["1x1"]) == steps and losses["1x1"][-1] < losses["1x1"][0]
+    np.testing.assert_allclose(losses["1x4"], losses["1x1"], rtol=1e-5)
+    np.testing.assert_allclose(losses["2x4"], losses["1x1"], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

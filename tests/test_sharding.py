@@ -11,7 +11,7 @@ from mesh_transformer.config import load_config
 from mesh_transformer.model import CausalTransformer
 from mesh_transformer.train import Trainer
 
-from helpers import assert_adam_step_close, random_params
+from helpers import adam_mu, assert_same_first_step, random_params
 
 # n_heads, n_vocab and d_ff divisible by 8, so every mesh below can split them
 CFG = dict(layers=2, d_model=64, n_heads=8, n_vocab=256, seq=16, pe_rotary_dims=4, d_ff=128,
@@ -103,7 +103,7 @@ def test_sharded_loss_and_grads_equal_unsharded(setup, dp, mp):
 
 def test_train_step_2x4_equals_1x1():
     """One full Trainer step (grad accumulation, clipping, Adam, weight decay) on a (2, 4) mesh == on one device."""
-    cfg = load_config({**CFG, "gradient_accumulation_steps": 2, "warmup_steps": 0, "anneal_steps": 10,
+    cfg = load_config({**CFG, "layers": 1, "gradient_accumulation_steps": 2, "warmup_steps": 0, "anneal_steps": 10,
                        "lr": 1e-3, "end_lr": 1e-4, "weight_decay": 0.1, "per_replica_batch": 2})
     params = random_params(CausalTransformer(cfg), seed=1)
     tokens = np.random.RandomState(1).randint(0, V, (2, 4, T + 1)).astype(np.int32)  # [GA, B, T+1]
@@ -111,13 +111,15 @@ def test_train_step_2x4_equals_1x1():
     for dp, mp in [(1, 1), (2, 4)]:
         trainer = Trainer(cfg, mesh_of(dp, mp))
         state = trainer.state_from_params(params)
-        assert state.params["layers/block/q"]["w"].addressable_shards[0].data.shape == (L, D, INNER // mp)
+        # params and Adam moments are both split over 'mp'
+        assert state.params["layers/block/q"]["w"].addressable_shards[0].data.shape == (1, D, INNER // mp)
+        assert adam_mu(state.opt_state)["layers/block/q"]["w"].addressable_shards[0].data.shape == (1, D, INNER // mp)
         state, metrics = trainer.train_step(state, {"tokens": tokens})
-        results.append(jax.device_get((state.params, metrics)))
-    (p1, m1), (p8, m8) = results
+        results.append(jax.device_get((state.params, adam_mu(state.opt_state), metrics)))
+    (p1, mu1, m1), (p8, mu8, m8) = results
     for key in ("loss", "ce", "grad_norm", "lr", "tokens"):
         np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
     assert float(m1["lr"]) == pytest.approx(1e-3)  # warmup 0: the first step already moves the params
     moved = np.abs(p1["layers/block/q"]["w"] - params["layers/block/q"]["w"]).max()
     assert moved > 1e-4
-    assert_adam_step_close(p8, p1, lr=1e-3)
+    assert_same_first_step(p8, p1, mu8, mu1, lr=1e-3)
