@@ -95,6 +95,19 @@ def _to_host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+def restart_schedule(opt_state: Any) -> Any:
+    """Zeroes the LR schedule's step and keeps Adam's moments and count, as mtj's device_train.py does when
+    fine-tuning (`network.state["opt_state"][-1] = init_sched_state`)."""
+    import optax
+
+    def reset(x):
+        if isinstance(x, optax.ScaleByScheduleState):
+            return x._replace(count=np.zeros_like(np.asarray(x.count)))
+        return x
+
+    return jax.tree.map(reset, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+
+
 def _make_loader(cfg: Config, index: str, train: bool, batch: int, ga: int, state: Optional[dict] = None):
     from tfrecord_utils.loader import TFRecordLoader
     loader = TFRecordLoader(index, batch_shape=(ga, batch), seq=cfg.seq, train=train)
@@ -145,6 +158,8 @@ def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Tra
         log.info("resuming %s from step %d", ckpt_path, step)
     elif options.tune_model_path:
         params, opt_state, _, _ = ckpt.load_checkpoint(options.tune_model_path, cfg, with_opt=not options.fresh_opt)
+        if opt_state is not None and not options.fresh_opt:
+            opt_state = restart_schedule(opt_state)
         state = trainer.state_from_params(params, None if options.fresh_opt else opt_state, 0)
         log.info("fine-tuning from %s (optimizer state %s)", options.tune_model_path,
                  "fresh" if options.fresh_opt or opt_state is None else "loaded")
