@@ -92,6 +92,12 @@ def parse_args(argv=None):
     a("--n_exemplars", type=int, default=0,
       help="arithmetic: few-shot exemplars in the prompt (0 for the demo: its base model learned the format)")
     a("--n_dev_per_digit", type=int, default=100, help="arithmetic: held-out questions per digit count")
+    a("--train_digits", default=None,
+      help="arithmetic: comma-separated digit counts the training questions are drawn from (default: all); "
+           "e.g. 1,2 with --gold is the seed-only control")
+    a("--gold", action="store_true",
+      help="baseline: fine-tune on the gold completions of the sampled questions (gold scratchpads, or answers only "
+           "with --direct) instead of on the model's rationales")
     a("--seed", type=int, default=0, help="seed of the question sampling and of the rationalization coin flips")
     a("--dry_run", action="store_true", help="print the plan, run nothing")
     a("--skip_eval", action="store_true", help="do not evaluate on dev")
@@ -121,6 +127,8 @@ def main(argv=None):
     cfg = cfg.replace(gradient_accumulation_steps=args.gradient_accumulation_steps)
     fields = {f for f in StarOptions.__dataclass_fields__}
     opts = StarOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.train_digits:
+        opts.train_classes = tuple(d.strip() for d in args.train_digits.split(","))
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
         json.dump({"argv": sys.argv[1:], "options": vars(args), "model_config": cfg.to_dict()}, f, indent=2)

@@ -67,10 +67,12 @@ def main(argv=None):
              if int(train_task.answer_classes(ex)) in digits and ex.question not in held_out]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as work:
-        backend = JaxBackend(cfg.replace(total_steps=args.steps), None, GenerationSettings(batch_size=100))
+        # the LR anneals over the whole run (the demo config's own schedule is for the short STaR fine-tunes)
+        run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0)
+        backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=100))
         index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
                               seed=args.seed)
-        run_cfg = cfg.replace(train_set=index, total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0)
+        run_cfg = run_cfg.replace(train_set=index)
         state = train(run_cfg, RunOptions(ckpt_path=os.path.join(work, "ckpt"), total_steps=args.steps,
                                           seed=args.seed, desc="pretrain"), trainer=backend.trainer)
         params = jax.tree.map(np.asarray, state.params)

@@ -78,6 +78,8 @@ class StarOptions:
     seed: int = 0
     progress: bool = True
     task_options: dict = dataclasses.field(default_factory=dict)
+    gold: bool = False  # baseline: train on gold completions of the sampled questions, not on rationales
+    train_classes: Optional[tuple] = None  # only training questions of these answer classes (e.g. digit counts)
 
 
 def n_steps(opts: StarOptions, iteration: int, n_examples: int) -> int:
@@ -155,6 +157,8 @@ class StarRun:
     def sample_train(self, n: int) -> List[Any]:
         """The original shuffles the train split and takes n_train_samples, anew each iteration."""
         examples = list(self.train_examples)
+        if self.opts.train_classes:
+            examples = [ex for ex in examples if self.task.answer_classes(ex) in self.opts.train_classes]
         random.Random(self.opts.seed * 1000 + n).shuffle(examples)
         return examples[:self.opts.n_train_samples]
 
@@ -179,6 +183,8 @@ class StarRun:
         examples = self.sample_train(n)
         by_id = {ex.id: ex for ex in examples}
         opts = self._pass_options(n, "train")
+        if self.opts.gold:
+            return self._gold_examples(d, examples)
         records = run_pass(self.task, examples, self.backend.generate_fn(params), opts,
                            os.path.join(d, "rationales.jsonl"), on_chunk=lambda: _test_kill_hook("generate", n))
         pairs = [training_example(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
@@ -189,6 +195,21 @@ class StarRun:
         _write_atomic(os.path.join(d, "train.jsonl"),
                       "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
         summary = summarize(records)
+        _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
+        return summary
+
+    def _gold_examples(self, d: str, examples) -> dict:
+        """The supervised baselines: train on the gold completions (answers only with --direct) of the sampled
+        questions instead of the model's own rationales."""
+        task = self.task
+        target = task.direct_completion if self.opts.direct else getattr(task, "reference_completion", None)
+        if target is None:
+            raise ValueError(f"task {task.name} has no gold rationales; use --gold with --direct")
+        pairs = [(task.format_question(ex), target(ex)) for ex in examples]
+        _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
+        _write_atomic(os.path.join(d, "train.jsonl"),
+                      "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
+        summary = {"n": len(pairs), "kept": len(pairs), "rationalized": 0, "gold": True}
         _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
         return summary
 
