@@ -8,8 +8,8 @@ GPU, GPT-J-6B shapes with random bf16 weights, prompt 600 + 96 new, batch 1 / 8 
 
 Every row has prefix-len + prompt-len prompt tokens and exactly `--new` new tokens (EOS ignored on both sides:
 min_new_tokens = max_new_tokens for HF). Only new tokens count: tokens/s = batch * new / wall time of one call,
-prefill included. Each configuration is run once to compile / warm up, then timed `--repeats` times (best kept).
-"ours" runs the full prompt; "ours+prefix" (when prefix-len > 0) shares the prefix's keys/values, computed once and
+prefill included. On CPU both run pinned to `--threads` cores (default 1). Each configuration is run once to compile
+/ warm up, then timed `--repeats` times (best kept). "ours" runs the full prompt; "ours+prefix" (when prefix-len > 0) shares the prefix's keys/values, computed once and
 cached across calls, as STaR's few-shot prompts are. This script imports neither TensorFlow nor Ray.
 """
 from __future__ import annotations
@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights and compute (CPU default float32; "
                                                                        "--gpu bfloat16)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best kept)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU only: pin the process to this many cores, torch and XLA alike (default 1: on a shared "
+                        "2-core machine torch's OpenMP threads otherwise slow down up to 30x under load; 0 = no pin)")
     p.add_argument("--scan-layers", action="store_true", help="run layers under lax.scan (faster compiles)")
     p.add_argument("--skip-hf", action="store_true", help="time only our sampler")
     p.add_argument("--hf-weights", choices=("disk", "memory"),
@@ -113,6 +116,14 @@ def time_best(fn, repeats: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.gpu and args.threads is None:
+        args.threads = 1
+    # JAX would otherwise take 75% of GPU memory up front and leave HF too little
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.threads:  # before jax / torch start their thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        if args.threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     import jax
     import numpy as np
 
@@ -129,7 +140,8 @@ def main(argv=None):
     params = jax.jit(model.init)(jax.random.PRNGKey(0))
     sampler = Sampler(model, params, mesh)
     device_name = jax.devices()[0].device_kind
-    print(f"# backend {backend} ({device_name}); model layers {args.layers}, d_model {args.d_model}, heads "
+    pinned = f", pinned to {args.threads} core(s)" if args.threads and backend == "cpu" else ""
+    print(f"# backend {backend} ({device_name}{pinned}); model layers {args.layers}, d_model {args.d_model}, heads "
           f"{args.heads}, vocab {args.vocab}, {args.dtype}; prompt {args.prefix_len}+{args.prompt_len}, "
           f"{args.new} new tokens; best of {args.repeats}")
 
@@ -137,6 +149,8 @@ def main(argv=None):
     if not args.skip_hf:
         import torch
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
         hf = hf_model(model.config, params if args.hf_weights == "memory" else jax.device_get(params),
                       args.hf_weights, device, args.dtype)

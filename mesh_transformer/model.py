@@ -76,7 +76,8 @@ class CausalTransformer:
         self._net = hk.without_apply_rng(hk.transform(self._forward_fn))
 
     # ----------------------------------------------------------------- Haiku function
-    def _forward_fn(self, tokens, positions, token_valid, cache: Optional[KVCache], prefix: Optional[PrefixKV]):
+    def _forward_fn(self, tokens, positions, token_valid, cache: Optional[KVCache], prefix: Optional[PrefixKV],
+                    last_only: bool = False):
         cfg = self.config
         dtype = _DTYPES[cfg.compute_dtype]
         x = Embedding(cfg.n_vocab, cfg.d_model)(tokens, dtype)  # [B, T, D]
@@ -109,7 +110,9 @@ class CausalTransformer:
             x, (new_k, new_v) = stack(layer)(x, *per_layer_inputs)
         else:
             x, (new_k, new_v) = stack(lambda x, _: layer(x))(x, jnp.zeros((cfg.layers,), jnp.int32))
-        logits = Projection(cfg.n_vocab)(x)  # [B, T, V] float32
+        if last_only:  # prefill needs the next-token logits only: skip a [B, T, V] float32 tensor
+            x = x[:, -1:]
+        logits = Projection(cfg.n_vocab)(x)  # [B, T, V] float32 ([B, 1, V] with last_only)
         return logits, new_k, new_v  # new_k, new_v: [L, B, T, H, Dh]
 
     # ----------------------------------------------------------------- public API
@@ -128,10 +131,12 @@ class CausalTransformer:
 
     def forward(self, params: Params, tokens: jax.Array, positions: Optional[jax.Array] = None,
                 token_valid: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                prefix: Optional[PrefixKV] = None):
+                prefix: Optional[PrefixKV] = None, *, last_only: bool = False):
         """Runs the model on tokens [B, T] at `positions` [B, T] (default 0..T-1).
 
-        With `cache`, the new tokens also attend to the cache's valid slots (and to `prefix`, when given).
+        With `cache` (a KVCache, or a HeadMajorKVCache for decoding), the new tokens also attend to the cache's valid
+        slots (and to `prefix`, a PrefixKV or HeadMajorPrefixKV, when given). last_only: logits of the last token
+        only ([B, 1, V]), as a prefill needs.
         Returns (logits float32 [B, T, V], new keys, new values [L, B, T, H, Dh]); the caller writes the new
         keys/values into its cache (in place, under jit with donation).
         """
@@ -140,7 +145,8 @@ class CausalTransformer:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
-        return self._net.apply(self.cast_for_compute(params), tokens, positions, token_valid, cache, prefix)
+        return self._net.apply(self.cast_for_compute(params), tokens, positions, token_valid, cache, prefix,
+                               last_only)
 
     def logits(self, params: Params, tokens: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] of tokens [B, T]."""

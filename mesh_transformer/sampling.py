@@ -12,23 +12,24 @@ Design
     `lax.dynamic_update_slice` into it is in place; nothing crosses the jit boundary but tokens and params.
     It is head-major ([L, B, H, S, Dh], `HeadMajorKVCache`; the prefix [L, H, P, Dh]): attention then reads each
     (row, head)'s keys contiguously, where the model's default [L, B, S, H, Dh] layout makes XLA transpose the
-    whole cache at every step (measured 16x slower attention on CPU).
-  * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 up to 64, then multiples of 64), so the
-    last prompt token of every row sits at index Tp-1 and compiles stay few. A row's positions count from 0 (from P
-    with a shared prefix) after its padding; pads have token_valid False and are never attended to.
+    cache at every step (the decode attention einsum alone: 16x slower on CPU).
+  * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 to 32, multiples of 32 to 256, then
+    of 64), so the last prompt token of every row sits at index Tp-1 and compiles stay few. A row's positions
+    count from 0 (from P with a shared prefix) after its padding; pads have token_valid False and are never
+    attended to.
   * Shared prefix (few-shot exemplars): its keys/values are computed once (batch 1) and stored as one
-    `HeadMajorPrefixKV` [L, H, P, Dh] that every row attends to, cached by its token ids across calls and batches, so neither
-    memory nor prefill time scales with batch x prefix length.
+    `HeadMajorPrefixKV` [L, H, P, Dh] that every row attends to, cached by its token ids across calls and
+    batches, so neither memory nor prefill time scales with batch x prefix length.
   * Stops, per row, checked on device each step: EOS; any token in `stop_tokens` (for a stop string: every vocabulary
-    token whose decoded text CONTAINS it, so BPE tokens such as ".\\n" stop on "\\n"; exact whenever the stop string
+    token whose decoded text CONTAINS it, so GPT-2's "\\n\\n" token stops on "\\n"; exact whenever the stop string
     falls inside one token); any `stop_sequences` (token-id lists matched against the row's last generated tokens,
     e.g. the 2-token tokenization of a stop string); max_new_tokens. The loop ends when every row is done.
     `generate` then cuts each decoded completion at the first stop string on the host, so the text is exact even
     when a stop string spans tokens in a way the device did not see (that row then just ran longer).
   * Per-row temperature, top-k, top-p, applied in that order as HF's logits processors; temperature 0 is greedy
-    (argmax of the raw logits); top_k 0 and top_p 1.0 are off. Randomness: row b uses key fold_in(key(seed), b) (or
-    key(seed_b) for a per-row seed list), folded with the step, so a row's sample does not depend on the batch it
-    is in, the batch size, or the mesh.
+    (argmax of the raw logits); top_k 0 and top_p 1.0 are off. Randomness: prompt i uses key fold_in(key(seed), i) (or
+    key(seed_i) for a per-prompt seed list), folded with the step, so a row's sample does not depend on the batch
+    it is in, the batch size, or the mesh.
   * Log-probs returned per token are those of the chosen token under the unmodified model distribution
     (log_softmax of the raw logits, temperature 1), whatever the sampling settings.
 """
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .model import CausalTransformer, HeadMajorKVCache, HeadMajorPrefixKV, KVCache, PrefixKV
+from .model import CausalTransformer, HeadMajorKVCache, HeadMajorPrefixKV
 from .sharding import DP, MP, make_mesh, named, param_specs
 
 Array = jax.Array
@@ -124,7 +125,7 @@ def prefill(model: CausalTransformer, params: Any, tokens: Array, positions: Arr
     slots holding the prompts' keys/values in slots [0, Tp); a HeadMajorKVCache unless heads_first is False)."""
     b, t = tokens.shape
     empty = model.init_cache(b, 0) if prefix is not None else None  # the model needs a cache to read a prefix
-    logits, k, v = model.forward(params, tokens, positions, valid, empty, prefix)  # [B, Tp, V], [L, B, Tp, H, Dh]
+    logits, k, v = model.forward(params, tokens, positions, valid, empty, prefix, last_only=True)  # [B, 1, V]
     cache = model.init_cache(b, slots, heads_first=heads_first)
     cache = write_cache(cache, k, v, positions, valid, 0)
     return logits[:, -1], cache
@@ -136,6 +137,11 @@ def decode_step(model: CausalTransformer, params: Any, cache, tokens: Array, pos
     b = tokens.shape[0]
     ones = jnp.ones((b, 1), bool)
     logits, k, v = model.forward(params, tokens[:, None], positions[:, None], ones, cache, prefix)
+    # The last layer's new keys exist before its attention has read the cache, so XLA may schedule the in-place
+    # write first and then protects the read by copying the whole cache (twice per step, seen with unrolled layers;
+    # an optimization_barrier does not prevent it). A data dependency of the write on the logits (which need every
+    # layer's read) orders the reads first: the slot offset is 0, but XLA cannot know that.
+    slot = slot + jnp.minimum(jnp.argmax(logits[0, 0]), 0).astype(jnp.int32)  # + 0, always
     return logits[:, 0], write_cache(cache, k, v, positions[:, None], ones, slot)
 
 
@@ -153,8 +159,9 @@ class SampleOutput(NamedTuple):
 def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, prefix: Optional[HeadMajorPrefixKV],
                    prefix_logits, tokens, prompt_len, row_keys, temperature, top_k, top_p, eos_id, stop_mask,
                    stop_seqs):
-    """prefill + while_loop decode. tokens [B, Tp] left-padded; prompt_len [B]; row_keys [B] PRNG key data;
-    temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1: wildcard, -3: never matches)."""
+    """prefill + while_loop decode. tokens [B, Tp] left-padded; prompt_len [B]; row_keys [B, 2] PRNG key data;
+    temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1: wildcard,
+    -3: never matches)."""
     b, tp = tokens.shape
     n_prefix = 0 if prefix is None else prefix.k.shape[2]  # [L, H, P, Dh]
     slots = tp + max_new - 1  # the last new token's keys are never needed
@@ -225,9 +232,12 @@ def _cache_specs() -> HeadMajorKVCache:
 
 
 def bucket_length(n: int) -> int:
-    """Padded prompt length for n tokens: powers of two from 8 to 64, then multiples of 64."""
-    if n <= 64:
+    """Padded prompt length for n tokens: powers of two from 8 to 32, multiples of 32 to 256, then of 64
+    (a few compiled shapes, at most ~25% padding past 32 tokens)."""
+    if n <= 32:
         return max(8, 1 << max(n - 1, 0).bit_length())
+    if n <= 256:
+        return -(-n // 32) * 32
     return -(-n // 64) * 64
 
 
@@ -270,7 +280,7 @@ class Sampler:
 
     # ----------------------------------------------------------------- shared prefix
     def _prefix_impl(self, params, tokens):
-        logits, k, v = self.model.forward(params, tokens)  # [1, P, V], [L, 1, P, H, Dh]
+        logits, k, v = self.model.forward(params, tokens, last_only=True)  # [1, 1, V], [L, 1, P, H, Dh]
         return HeadMajorPrefixKV(k[:, 0].transpose(0, 2, 1, 3), v[:, 0].transpose(0, 2, 1, 3)), logits[0, -1]
 
     def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[HeadMajorPrefixKV, Array]:
@@ -342,7 +352,10 @@ class Sampler:
         lengths_out = np.zeros((n,), np.int32)
         logp_out = np.zeros((n, max_new_tokens), np.float32)
         rows, rows2d = NamedSharding(self.mesh, P(DP)), NamedSharding(self.mesh, P(DP, None))
-        b = -(-min(batch_size, n) // self.dp) * self.dp  # every batch has b rows (dummies fill the last)
+        # every batch has b rows (dummies fill the last); fewer prompts than batch_size round up to a power of two,
+        # so calls with varying small counts reuse a few compiled shapes
+        b = min(batch_size, 1 << (min(n, batch_size) - 1).bit_length())
+        b = -(-b // self.dp) * self.dp
         for lo in range(0, n, batch_size):
             idx = order[lo:lo + batch_size]
             tp = bucket_length(max(len(prompts[i]) for i in idx))
@@ -456,7 +469,7 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def tokens_containing(tokenizer: Any, text: str, n_vocab: int) -> np.ndarray:
     """Ids (< n_vocab) of every token whose decoded text contains `text`: the device-side stop set of a stop string.
-    Exact for a stop string inside one token, whatever else the token holds (GPT-2 has ".\\n", "\\n\\n", ...)."""
+    Exact for a stop string inside one token, whatever else the token holds (GPT-2: "\\n", "\\n\\n", "\\n\\n\\n")."""
     size = min(int(getattr(tokenizer, "vocab_size", n_vocab)), n_vocab)
     hf = getattr(tokenizer, "hf", None)
     if hf is not None:  # one batched call instead of 50k

@@ -11,6 +11,7 @@ arithmetic task's held-out questions and writes the params (float32, v1 checkpoi
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-digits", default="1,2,3", help="digit counts of the held-out evaluation")
     p.add_argument("--n-eval", type=int, default=100, help="held-out questions per digit count")
     p.add_argument("--seed", type=int, default=1234, help="seed of the problems and the initialisation")
+    p.add_argument("--eval-only", action="store_true", help="only re-evaluate the base already in --out")
     return p.parse_args(argv)
 
 
@@ -66,30 +68,37 @@ def main(argv=None):
              for ex in train_task.load("train")
              if int(train_task.answer_classes(ex)) in digits and ex.question not in held_out]
     t0 = time.time()
+    train_seconds = None
     with tempfile.TemporaryDirectory() as work:
-        # the LR anneals over the whole run (the demo config's own schedule is for the short STaR fine-tunes)
-        run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0)
-        backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=100))
-        index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
-                              seed=args.seed)
-        run_cfg = run_cfg.replace(train_set=index)
-        state = train(run_cfg, RunOptions(ckpt_path=os.path.join(work, "ckpt"), total_steps=args.steps,
-                                          seed=args.seed, desc="pretrain"), trainer=backend.trainer)
-        params = jax.tree.map(np.asarray, state.params)
-        train_seconds = time.time() - t0
-
+        if args.eval_only:
+            backend = JaxBackend(cfg, None, GenerationSettings(batch_size=100))
+            params, _, _, _ = ckpt.load_checkpoint(args.out, cfg, with_opt=False)
+        else:
+            # the LR anneals over the whole run (the demo config's own schedule is for the short STaR fine-tunes)
+            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0)
+            backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=100))
+            index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
+                                  seed=args.seed)
+            state = train(run_cfg.replace(train_set=index),
+                          RunOptions(ckpt_path=os.path.join(work, "ckpt"), total_steps=args.steps, seed=args.seed,
+                                     desc="pretrain"), trainer=backend.trainer)
+            params = jax.tree.map(np.asarray, state.params)
+            train_seconds = round(time.time() - t0, 1)
+            if os.path.exists(args.out):
+                shutil.rmtree(args.out)
+            ckpt.save_checkpoint(args.out, params, args.steps, cfg, shards=1)  # saved before the evaluation
         records = run_pass(eval_task, dev, backend.generate_fn(params),
                            PassOptions(gen_length=eval_task.default_gen_length, chunk_size=100, desc="eval base"),
                            os.path.join(work, "eval.jsonl"))
     accuracy = accuracy_by_class(records)
-    if os.path.exists(args.out):
-        import shutil
-        shutil.rmtree(args.out)
-    ckpt.save_checkpoint(args.out, params, args.steps, cfg, shards=1)
     info = {"command": "python scripts/pretrain_arithmetic_base.py " + " ".join(argv or sys.argv[1:]),
-            "args": vars(args), "train_examples": len(pairs), "train_seconds": round(train_seconds, 1),
+            "args": vars(args), "train_examples": len(pairs), "train_seconds": train_seconds,
             "held_out_accuracy": accuracy}
-    with open(os.path.join(args.out, "pretrain_info.json"), "w") as f:
+    info_path = os.path.join(args.out, "pretrain_info.json")
+    if args.eval_only and os.path.exists(info_path):
+        with open(info_path) as f:
+            info = {**json.load(f), "held_out_accuracy": accuracy}
+    with open(info_path, "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info, indent=2))
 

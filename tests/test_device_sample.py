@@ -16,7 +16,7 @@ TINY = dict(layers=2, d_model=64, n_heads=4, n_vocab=260, seq=64, pe_rotary_dims
             tokenizer="byte")
 
 
-def test_hf_folder_greedy_matches_library(tmp_path, capsys, monkeypatch):
+def test_hf_folder_greedy_matches_hf_generate(tmp_path, capsys, monkeypatch):
     model = CausalTransformer(TINY)
     params = jax.jit(model.init)(jax.random.PRNGKey(3))
     save_hf_gptj(model.config, params, str(tmp_path / "hf"), eos_token_id=256)

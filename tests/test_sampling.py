@@ -4,7 +4,6 @@ unsharded, batch == rows one by one, stop rules, seeded sampling, top-k / top-p 
 Compiles dominate the run time on CPU (~10 s per sampler shape), so tests share a few samplers and shapes:
 batch 4, prompts padded to 16, 8 new tokens.
 """
-import re
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +162,22 @@ def test_mesh_2x4_equals_single_device(model, params, sampler, greedy):
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
     np.testing.assert_allclose(out.logprobs, greedy.logprobs, rtol=1e-5, atol=1e-5)
     kw = dict(temperature=1.0, top_k=50, top_p=0.9, seed=7)
-    np.testing.assert_array_equal(sharded.sample(PROMPTS, N_NEW, **kw).tokens, sampler.sample(PROMPTS, N_NEW, **kw).tokens)
+    np.testing.assert_array_equal(sharded.sample(PROMPTS, N_NEW, **kw).tokens,
+                                  sampler.sample(PROMPTS, N_NEW, **kw).tokens)
+
+
+def test_decode_loop_updates_cache_in_place(sampler):
+    """No copy of the whole KV cache in the compiled sampler: the in-place write must come after every layer's
+    read (XLA copied the cache twice per step before decode_step tied the write to the logits)."""
+    cfg, b, tp = sampler.config, len(PROMPTS), 16
+    args = (jnp.zeros((b, tp), jnp.int32), jnp.ones((b,), jnp.int32), jnp.zeros((b, 2), jnp.uint32), jnp.zeros(b),
+            jnp.zeros(b, jnp.int32), jnp.ones(b), np.int32(-1), np.zeros(cfg.n_vocab, bool),
+            np.full((4, 4), -3, np.int32))
+    hlo = sampler._generate.lower(N_NEW, sampler.params, None, None, *args).compile().as_text()
+    cache = f"f32[{cfg.layers},{b},{cfg.n_heads},{tp + N_NEW - 1},{cfg.d_head}]"
+    assert cache in hlo
+    copies = [line for line in hlo.splitlines() if f"{cache}{{" in line and " copy(" in line]
+    assert not copies, copies
 
 
 def test_batch_equals_rows_one_by_one(sampler):
@@ -188,8 +202,8 @@ def test_seeded_sampling_reproducible(sampler):
 
 
 def test_bucket_length():
-    assert [bucket_length(n) for n in (0, 1, 8, 9, 16, 33, 64, 65, 128, 150, 750)] == \
-           [8, 8, 8, 16, 16, 64, 64, 128, 128, 192, 768]
+    assert [bucket_length(n) for n in (0, 1, 8, 9, 16, 17, 33, 64, 80, 150, 256, 257, 600, 750)] == \
+           [8, 8, 8, 16, 16, 32, 64, 64, 96, 160, 256, 320, 640, 768]
 
 
 # ---------------------------------------------------------------------------------------------------------------
