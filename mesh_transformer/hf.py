@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import ml_dtypes
 import numpy as np
@@ -124,8 +124,6 @@ def from_hf_state_dict(cfg: Config, state: Dict[str, np.ndarray]) -> Any:
 
 
 def _read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     single = os.path.join(hf_dir, "model.safetensors")
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(single):
@@ -142,7 +140,6 @@ def _read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
         import torch  # only for the legacy pickle format, and only with weights_only=True
         tensors = torch.load(legacy, map_location="cpu", weights_only=True)
         return {k: t.float().numpy() for k, t in tensors.items()}
-    del load_file
     raise FileNotFoundError(f"{hf_dir} holds no model.safetensors, model.safetensors.index.json or "
                             f"pytorch_model.bin; pass the folder an HF GPT-J was saved to")
 
@@ -185,6 +182,3 @@ def save_hf_gptj(cfg: Config, params: Any, out_dir: str, dtype: str = "float32",
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
-
-def torch_dtype_name(dtype: Optional[str]) -> str:
-    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype or "float32", dtype or "float32")

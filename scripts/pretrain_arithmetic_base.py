@@ -28,7 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--digits", default="1,2", help="digit counts of the annotated training problems")
     p.add_argument("--n-per-digit", type=int, default=2000, help="annotated problems per digit count")
     p.add_argument("--p-hint", type=float, default=0.5, help="share of training questions shown with the hint")
-    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to lr/10 over the run)")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     p.add_argument("--eval-digits", default="1,2,3", help="digit counts of the held-out evaluation")
     p.add_argument("--n-eval", type=int, default=100, help="held-out questions per digit count")
     p.add_argument("--seed", type=int, default=1234, help="seed of the problems and the initialisation")
@@ -75,7 +77,8 @@ def main(argv=None):
             params, _, _, _ = ckpt.load_checkpoint(args.out, cfg, with_opt=False)
         else:
             # the LR anneals over the whole run (the demo config's own schedule is for the short STaR fine-tunes)
-            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0)
+            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0, lr=args.lr,
+                                  end_lr=args.lr / 10, warmup_steps=args.warmup)
             backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=100))
             index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
                                   seed=args.seed)
