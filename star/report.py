@@ -83,6 +83,8 @@ def plot_accuracy(path: str, rows: List[dict], title: str) -> None:
         xs = [r["iteration"] for r in rows if c in r["dev_accuracy"]]
         ys = [100 * r["dev_accuracy"][c] for r in rows if c in r["dev_accuracy"]]
         ax.plot(xs, ys, marker="o", label=c, linewidth=2.5 if c == "all" else 1.2)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("STaR iteration (0 = base model)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(title)
