@@ -84,7 +84,9 @@ def parse_args(argv=None):
     a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
       help="cap on steps per iteration (the paper capped GSM8K at 7912)")
     a("--eval_batch_size", type=int, default=None, help="questions per generation batch")
-    a("--temperature", type=float, default=0.0, help="sampling temperature of rationales (0 = greedy, as the paper)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature of all generation (0 = greedy, as the paper)")
+    a("--n_samples", type=int, default=1,
+      help="rationales sampled per training question (with --temperature > 0); distinct correct ones are all kept")
     a("--verify_rationales", action="store_true",
       help="drop kept rationales whose checkable steps are wrong (arithmetic lines, GSM8K <<a*b=c>> annotations)")
     a("--min_digits", type=int, default=1, help="arithmetic: smallest digit count of the sums")

@@ -152,6 +152,7 @@ class StarRun:
                            p_show_hint_save=o.p_show_hint_save, few_shot_train=o.few_shot_train,
                            no_prompt=o.no_prompt and n > 1, direct=o.direct, gen_length=o.gen_length,
                            chunk_size=o.eval_batch_size, seed=o.seed * 1000 + n, verify=o.verify_rationales,
+                           n_samples=o.n_samples if split == "train" else 1,
                            progress=o.progress, desc=f"iter {n} {split}")
 
     def sample_train(self, n: int) -> List[Any]:

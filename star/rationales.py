@@ -42,6 +42,7 @@ class PassOptions:
     chunk_size: int = 64  # questions per generate call (and per flush to disk)
     seed: int = 0
     verify: bool = False  # drop kept rationales whose checkable steps are wrong (star.verify)
+    n_samples: int = 1  # rationales sampled per question (use a temperature > 0); distinct correct ones are kept
     progress: bool = True
     desc: str = "generate"
 
@@ -82,33 +83,36 @@ def _generate_records(task, examples, generate_fn: GenerateFn, opts: PassOptions
                       out_path: str, done: Dict[str, dict], bar, on_chunk: Optional[Callable[[], None]]) -> None:
     """Answers `examples` (hinted or not), appending one record per example to out_path in chunks."""
     prompt = "" if opts.no_prompt else task.few_shot_prompt(hint=hint, direct=opts.direct)
-    todo = [ex for ex in examples if _record_key(ex.id, hint) not in done]
+    samples = 1 if hint else max(1, opts.n_samples)
+    todo = [(ex, _record_key(ex.id, hint, j)) for ex in examples for j in range(samples)]
+    todo = [(ex, key) for ex, key in todo if key not in done]
     for start in range(0, len(todo), opts.chunk_size):
         chunk = todo[start:start + opts.chunk_size]
-        questions = [task.format_question(ex, hint=hint) for ex in chunk]
+        questions = [task.format_question(ex, hint=hint) for ex, _ in chunk]
         completions = generate_fn(questions, prompt, opts.gen_length, task.stop)
         lines = []
-        for ex, question, completion in zip(chunk, questions, completions):
-            record = _judge(task, ex, completion, hint, opts)
-            done[_record_key(ex.id, hint)] = record
+        for (ex, key), completion in zip(chunk, completions):
+            record = _judge(task, ex, completion, hint, opts, key)
+            done[key] = record
             lines.append(json.dumps(record) + "\n")
         with open(out_path, "a") as f:  # one write per chunk; a torn tail is dropped on read
             f.writelines(lines)
-        bar.update(len(chunk))
+        bar.update(len({ex.id for ex, _ in chunk}) if samples == 1 else len(chunk) / samples)
         if on_chunk is not None:
             on_chunk()
 
 
-def _record_key(example_id: str, hint: bool) -> str:
-    return f"{example_id}{'_r' if hint else ''}"
+def _record_key(example_id: str, hint: bool, sample: int = 0) -> str:
+    """`{id}` for the first answer, `{id}#s{j}` for further samples, `{id}_r` for the rationalization."""
+    return f"{example_id}{'_r' if hint else ''}{f'#s{sample}' if sample else ''}"
 
 
-def _judge(task, ex, completion: str, hint: bool, opts: PassOptions) -> dict:
+def _judge(task, ex, completion: str, hint: bool, opts: PassOptions, key: str) -> dict:
     completion = completion.split(EOT)[0]
     completion = task.truncate(completion)  # the part that is judged and saved (e.g. CQA's first line)
     pred = task.parse_answer(completion)
     correct = pred is not None and task.is_correct(pred, ex)
-    record = {"id": ex.id, "key": _record_key(ex.id, hint), "class": task.answer_classes(ex),
+    record = {"id": ex.id, "key": key, "class": task.answer_classes(ex),
               "question": task.format_question(ex, hint=False), "completion": completion, "pred": pred,
               "gold": ex.gold, "correct": bool(correct), "rationalized": hint}
     record["steps_ok"] = verify_steps(task.name, ex, completion)  # None where steps cannot be checked
@@ -155,20 +159,27 @@ def run_pass(task, examples: Sequence, generate_fn: GenerateFn, opts: PassOption
         bar.close()
     final = []
     for ex in examples:
-        first = done[_record_key(ex.id, False)]
-        record = first
-        if not first["correct"] and _record_key(ex.id, True) in done:
+        tries = [done[_record_key(ex.id, False, j)] for j in range(max(1, opts.n_samples))]
+        correct = [r for r in tries if r["correct"]]
+        record = correct[0] if correct else tries[0]
+        if not correct and _record_key(ex.id, True) in done:
             record = done[_record_key(ex.id, True)]
-        keep = bool(record["correct"])
-        if keep and opts.verify and record.get("steps_ok") is False:
-            keep = False
-        final.append({**record, "keep": keep, "first_correct": first["correct"]})
+        final.append({**record, "keep": _keep(record, opts), "first_correct": bool(correct)})
+        seen = {record["completion"]}
+        for extra in correct[1:]:  # further distinct correct samples are kept too
+            if extra["completion"] not in seen:
+                seen.add(extra["completion"])
+                final.append({**extra, "keep": _keep(extra, opts), "first_correct": True, "extra_sample": True})
     return final
 
 
+def _keep(record: dict, opts: PassOptions) -> bool:
+    return bool(record["correct"]) and not (opts.verify and record.get("steps_ok") is False)
+
+
 def _needs_hint(done: Dict[str, dict], ex, opts: PassOptions) -> Optional[bool]:
-    first = done.get(_record_key(ex.id, False))
-    if first is None or first["correct"]:
+    tries = [done.get(_record_key(ex.id, False, j)) for j in range(max(1, opts.n_samples))]
+    if any(r is None or r["correct"] for r in tries):
         return False
     return _coin(opts.seed, ex.id, "rationalize") < opts.p_rationalization
 
@@ -181,8 +192,9 @@ def _ends_with_newline(path: str) -> bool:
 
 def summarize(records: Sequence[dict]) -> dict:
     """Counts for the results table: accuracy (first try), kept, rationalized, right answer via wrong steps."""
-    n = len(records)
-    first_correct = sum(r["first_correct"] for r in records)
+    questions = [r for r in records if not r.get("extra_sample")]
+    n = len(questions)
+    first_correct = sum(r["first_correct"] for r in questions)
     kept = [r for r in records if r["keep"]]
     checked = [r for r in records if r["correct"] and r.get("steps_ok") is not None]
     return {
@@ -199,7 +211,7 @@ def summarize(records: Sequence[dict]) -> dict:
 def accuracy_by_class(records: Sequence[dict]) -> Dict[str, float]:
     """First-try accuracy per answer class (digit count for arithmetic), plus 'all'."""
     totals: Dict[str, List[int]] = {}
-    for r in records:
+    for r in (r for r in records if not r.get("extra_sample")):
         for key in (str(r["class"]), "all"):
             hit = totals.setdefault(key, [0, 0])
             hit[0] += int(r["first_correct"])

@@ -406,3 +406,44 @@ def test_prompt_longer_than_seq_is_cut_from_the_left(work, caplog, tmp_path):
                for r in caplog.records)
     cut = [(prefix + q)[-seq:] for q in questions]  # byte tokenizer: one token per byte
     assert cut[0] != cut[1] and generate(cut, "", 8, ["\n\n"]) == out  # same compiled shape: no new compile
+
+
+def test_k_samples_keep_distinct_correct_rationales(tmp_path):
+    """n_samples > 1: every question is answered k times; distinct correct answers are all kept, duplicates once;
+    a question with no correct sample is rationalized; accuracy counts questions, not samples."""
+    from star.rationales import PassOptions, run_pass, summarize
+    from star.tasks import get_task
+
+    task = get_task("arithmetic", min_digits=1, max_digits=2, n_train=6, n_dev=2, n_exemplars=0)
+    examples = task.load("train")[:3]
+    calls = {"n": 0}
+
+    def fake_generate(prompts, prefix, max_new, stop):
+        out = []
+        for q in prompts:
+            calls["n"] += 1
+            ex = next(e for e in examples if task.format_question(e) == q or task.format_question(e, hint=True) == q)
+            right = task.reference_completion(ex)
+            if ex is examples[0]:  # two different correct texts across samples (one with a trailing space)
+                out.append(right if calls["n"] % 2 else right.rstrip("\n") + " \n")
+            elif ex is examples[1]:
+                out.append(right)  # the same correct text every time: kept once
+            else:
+                out.append("<scratch>\nwrong\n</scratch>\n9 9 9\n" if q.endswith("Target:\n") else right)
+        return out
+
+    opts = PassOptions(rationalize=True, n_samples=3, chunk_size=4, progress=False)
+    records = run_pass(task, examples, fake_generate, opts, str(tmp_path / "r.jsonl"))
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    summary = summarize(records)
+    assert summary["n"] == 3 and abs(summary["accuracy"] - 2 / 3) < 1e-9
+    assert len(by_id[examples[0].id]) == 2  # two distinct correct texts: both kept
+    assert len(by_id[examples[1].id]) == 1  # duplicates kept once
+    assert [r["rationalized"] for r in by_id[examples[2].id]] == [True]  # no correct sample -> rationalized
+    assert all(r["keep"] for r in records if r["id"] != examples[2].id or r["correct"])
+    # resuming reads the same 3 x 3 + 1 attempts back and makes no new calls
+    before = calls["n"]
+    again = run_pass(task, examples, fake_generate, opts, str(tmp_path / "r.jsonl"))
+    assert calls["n"] == before and again == records
