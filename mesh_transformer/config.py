@@ -186,26 +186,32 @@ def _validate(cfg: Config, source: Optional[str]) -> None:
         fail(f"'val_set' must be an object {{name: index file}}, got {type(cfg.val_set).__name__}")
 
 
+def read_raw_config(path: str, what: str = "config file") -> tuple:
+    """(raw key dict, source name) of a JSON config file or a preset name, before validation."""
+    path = str(path)
+    if path in PRESETS:
+        return dict(PRESETS[path]), f"preset '{path}'"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} not found; pass a JSON file (e.g. configs/6B_roto_256.json) or a "
+                          f"preset name ({', '.join(PRESETS)})")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{what} {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{what} {path} must hold a JSON object, got {type(raw).__name__}")
+    return dict(raw), path
+
+
 def load_config(path_or_dict: Any) -> Config:
     """Loads a JSON config file (or a preset name, or a dict) into a validated Config."""
     if isinstance(path_or_dict, Config):
         return path_or_dict
     if isinstance(path_or_dict, Mapping):
         return from_dict(path_or_dict)
-    path = str(path_or_dict)
-    if path in PRESETS:
-        return from_dict(PRESETS[path], source=f"preset '{path}'")
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path} not found; pass a JSON file (e.g. configs/6B_roto_256.json) or a "
-                          f"preset name ({', '.join(PRESETS)})")
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}")
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config file {path} must hold a JSON object, got {type(raw).__name__}")
-    return from_dict(raw, source=path)
+    raw, source = read_raw_config(path_or_dict)
+    return from_dict(raw, source=source)
 
 
 # Named presets: the released model and tiny shapes for tests and demos.

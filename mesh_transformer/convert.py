@@ -21,7 +21,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import hf
-from .config import PRESETS, Config, ConfigError, from_dict
+from .config import Config, from_dict, read_raw_config
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +112,7 @@ def _base_dict(base: Union[None, str, Mapping[str, Any]]) -> tuple[dict, Optiona
         return base.to_dict(), "base config"
     if isinstance(base, Mapping):
         return dict(base), "base config"
-    base = str(base)
-    if base in PRESETS:
-        return dict(PRESETS[base]), f"preset '{base}'"
-    if not os.path.isfile(base):
-        raise ConfigError(f"base config {base} not found; pass a JSON file with the training keys (e.g. "
-                          f"configs/example_config.json) or a preset name ({', '.join(PRESETS)})")
-    with open(base) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"base config {base} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}")
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"base config {base} must hold a JSON object, got {type(raw).__name__}")
-    return dict(raw), base
+    return read_raw_config(base, what="base config")
 
 
 def config_for_hf(hf_config: Mapping[str, Any], base: Union[None, str, Mapping[str, Any]] = None) -> Config:

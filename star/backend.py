@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import random
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import numpy as np
