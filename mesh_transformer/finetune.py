@@ -136,9 +136,10 @@ def evaluate(trainer: Trainer, params: Any, cfg: Config, batch: int) -> Dict[str
     return results
 
 
-def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Trainer] = None,
+def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[Trainer] = None,
           on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainState:
     """Runs training to `total_steps` and returns the final state (checkpoints written on the way)."""
+    options = options or RunOptions()
     # cheap checks first: a wrong path should fail before the model is built
     ckpt_path = options.ckpt_path or ckpt.checkpoint_dir(cfg)
     if not cfg.train_set:
@@ -190,7 +191,7 @@ def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Tra
         step += 1
         out = {k: float(v) for k, v in out.items()}
         now = time.time()
-        dt, t_last = now - t_last, now
+        dt = now - t_last  # the step alone: validation and checkpoint time are excluded below
         tokens = ga * batch * cfg.seq
         record = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                   "tokens_per_s": tokens / dt, "mfu": mfu(cfg, tokens / dt, peak), "time": now}
@@ -203,6 +204,7 @@ def train(cfg: Config, options: RunOptions = RunOptions(), trainer: Optional[Tra
             on_step(step, record)
         if step < total_steps and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             save(step)
+        t_last = time.time()
     bar.close()
     if step > start or ckpt.latest_step(ckpt_path) is None:
         save(step, final=True)
