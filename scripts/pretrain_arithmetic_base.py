@@ -1,12 +1,21 @@
 """Trains the small base model of the CPU demo: a tiny GPT-J that has learned the scratchpad format on small sums.
 
-GPT-J-6B comes to STaR already able to follow a few-shot prompt and to use a hint; a ~0.85M-parameter model trained
-from nothing cannot. This script gives the demo that starting point, reproducibly: it trains the demo config from
-scratch on `--n-per-digit` annotated problems of each digit count in `--digits` (scratchpad completions, a share
-`--p-hint` of the questions carrying the answer hint, so the model learns what a hint is), then evaluates it on the
-arithmetic task's held-out questions and writes the params (float32, v1 checkpoint layout, one shard) to `--out`.
+GPT-J-6B comes to STaR already able to follow a few-shot prompt, use a hint and add small numbers; a ~0.86M-parameter
+model trained from nothing cannot. This script gives the demo that starting point, reproducibly. It trains the demo
+config from scratch on:
 
-  python scripts/pretrain_arithmetic_base.py            # writes assets/arithmetic_base (a few minutes on 2 cores)
+- annotated problems: for each digit count in `--digits`, `--n-per-digit` problems (a comma list, one count per digit
+  count) with their Nye et al. scratchpads; a share `--p-hint` of the questions carry the answer hint, so the model
+  learns what a hint is (rationalization needs that);
+- the addition table as short documents, `--n-facts` of them: `7 + 5 , ` -> `1 2`. The sum digit is one token in ~60 of
+  a scratchpad, so a tiny model sees few examples of the lookup per step; these dense documents teach it sooner.
+
+The demo's held-out questions with `--hold-out-digits` digits are excluded. The params (float32, v1 checkpoint layout,
+one shard) go to `--out`, with `pretrain_info.json`: the command, the arguments, the time and the held-out accuracy per
+digit count of the arithmetic task's dev questions (as iteration_train.py evaluates them).
+
+  python scripts/pretrain_arithmetic_base.py            # writes assets/arithmetic_base (~25 min on one CPU core)
+  python scripts/pretrain_arithmetic_base.py --out /tmp/base_rerun   # the reproducibility check
 """
 import argparse
 import json
@@ -20,34 +29,65 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def int_list(text: str) -> list:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(REPO, "configs", "star_arithmetic_tiny.json"),
                    help="model config of the demo")
     p.add_argument("--out", default=os.path.join(REPO, "assets", "arithmetic_base"), help="output checkpoint folder")
-    p.add_argument("--digits", default="1,2", help="digit counts of the annotated training problems")
-    p.add_argument("--n-per-digit", type=int, default=2000, help="annotated problems per digit count")
-    p.add_argument("--p-hint", type=float, default=0.5, help="share of training questions shown with the hint")
-    p.add_argument("--steps", type=int, default=1000, help="training steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to lr/10 over the run)")
+    p.add_argument("--digits", default="1,2,3", help="digit counts of the annotated training problems")
+    p.add_argument("--n-per-digit", default="3000,1500,300",
+                   help="annotated problems per digit count, one number per --digits entry (or one for all)")
+    p.add_argument("--n-facts", type=int, default=6000, help="addition-table documents (`x + y , ` -> the sum)")
+    p.add_argument("--p-hint", type=float, default=0.3, help="share of training questions shown with the hint")
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (the config's seq tokens each)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10 over the run)")
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
-    p.add_argument("--eval-digits", default="1,2,3", help="digit counts of the held-out evaluation")
-    p.add_argument("--n-eval", type=int, default=100, help="held-out questions per digit count")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the problems and the initialisation")
+    p.add_argument("--n-eval", type=int, default=100, help="held-out questions per digit count (1-3 digits)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the problems, the hints and the initialisation")
     p.add_argument("--hold-out-digits", default="2,3",
                    help="digit counts whose demo dev questions are kept out of pretraining. 1-digit sums are not held "
                         "out by default: only 81 exist, and they are the addition table the scratchpad is built from "
-                        "(GPT-J knows it too); without them a tiny model memorizes the pairs it saw and fails the rest")
+                        "(GPT-J knows it too)")
     p.add_argument("--eval-only", action="store_true", help="only re-evaluate the base already in --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.digit_list = int_list(args.digits)
+    counts = int_list(args.n_per_digit)
+    if len(counts) == 1:
+        counts = counts * len(args.digit_list)
+    if len(counts) != len(args.digit_list):
+        p.error(f"--n-per-digit has {len(counts)} numbers for {len(args.digit_list)} --digits; give one per digit "
+                f"count or a single number")
+    args.counts = counts
+    return args
+
+
+def training_pairs(args, held_out: set) -> list:
+    """(context, completion) pairs: the annotated problems of each digit count, then the addition-table documents."""
+    import random
+
+    from star.tasks import get_task
+    rng = random.Random(args.seed)
+    pairs = []
+    for digits, n in zip(args.digit_list, args.counts):
+        task = get_task("arithmetic", min_digits=digits, max_digits=digits, n_train=n, n_dev=0, n_exemplars=0,
+                        seed=args.seed)  # seeded unlike the demo's task (seed 0), whose dev set stays held out
+        pairs += [(task.format_question(ex, hint=rng.random() < args.p_hint), task.reference_completion(ex))
+                  for ex in task.load("train") if ex.question not in held_out]
+    for _ in range(args.n_facts):
+        x, y = rng.randrange(10), rng.randrange(10)
+        pairs.append((f"{x} + {y} , ", " ".join(str(x + y)) + "\n"))
+    return pairs
 
 
 def main(argv=None):
     args = parse_args(argv)
     from mesh_transformer.cli_util import setup_logging
     setup_logging()
-    import random
-
     import jax
     import numpy as np
 
@@ -58,33 +98,24 @@ def main(argv=None):
     from star.rationales import PassOptions, accuracy_by_class, run_pass
     from star.tasks import get_task
 
-    digits = [int(d) for d in args.digits.split(",")]
-    eval_digits = [int(d) for d in args.eval_digits.split(",")]
     cfg = load_config(args.config)
-    # Training problems come from a task seeded differently from the demo's, so the demo's dev set stays held out.
-    train_task = get_task("arithmetic", min_digits=min(digits), max_digits=max(digits), n_train=args.n_per_digit,
-                          n_dev=0, n_exemplars=0, seed=args.seed)
-    # the demo's held-out questions (iteration_train.py's arithmetic defaults) stay out of pretraining
-    eval_task = get_task("arithmetic", min_digits=min(eval_digits), max_digits=max(eval_digits), n_dev=args.n_eval,
-                         n_exemplars=0, seed=0)
+    # the demo's held-out questions: iteration_train.py's arithmetic defaults (1-3 digits, seed 0)
+    eval_task = get_task("arithmetic", min_digits=1, max_digits=3, n_dev=args.n_eval, n_exemplars=0, seed=0)
     dev = eval_task.load("dev")
     hold_out = {d.strip() for d in args.hold_out_digits.split(",") if d.strip()}
     held_out = {ex.question for ex in dev if eval_task.answer_classes(ex) in hold_out}
-    rng = random.Random(args.seed)
-    pairs = [(train_task.format_question(ex, hint=rng.random() < args.p_hint), train_task.reference_completion(ex))
-             for ex in train_task.load("train")
-             if int(train_task.answer_classes(ex)) in digits and ex.question not in held_out]
+    pairs = training_pairs(args, held_out)
     t0 = time.time()
     train_seconds = None
     with tempfile.TemporaryDirectory() as work:
         if args.eval_only:
-            backend = JaxBackend(cfg, None, GenerationSettings(batch_size=100))
+            backend = JaxBackend(cfg, None, GenerationSettings(batch_size=150))
             params, _, _, _ = ckpt.load_checkpoint(args.out, cfg, with_opt=False)
         else:
             # the LR anneals over the whole run (the demo config's own schedule is for the short STaR fine-tunes)
             run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0, lr=args.lr,
-                                  end_lr=args.lr / 10, warmup_steps=args.warmup)
-            backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=100))
+                                  end_lr=args.lr / 10, warmup_steps=args.warmup, per_replica_batch=args.batch)
+            backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=150))
             index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
                                   seed=args.seed)
             state = train(run_cfg.replace(train_set=index),
@@ -96,12 +127,12 @@ def main(argv=None):
                 shutil.rmtree(args.out)
             ckpt.save_checkpoint(args.out, params, args.steps, cfg, shards=1)  # saved before the evaluation
         records = run_pass(eval_task, dev, backend.generate_fn(params),
-                           PassOptions(gen_length=eval_task.default_gen_length, chunk_size=100, desc="eval base"),
+                           PassOptions(gen_length=eval_task.default_gen_length, chunk_size=150, desc="eval base"),
                            os.path.join(work, "eval.jsonl"))
     accuracy = accuracy_by_class(records)
     info = {"command": "python scripts/pretrain_arithmetic_base.py " + " ".join(argv or sys.argv[1:]),
-            "args": vars(args), "train_examples": len(pairs), "train_seconds": train_seconds,
-            "held_out_accuracy": accuracy}
+            "args": {k: v for k, v in vars(args).items() if k not in ("digit_list", "counts")},
+            "train_examples": len(pairs), "train_seconds": train_seconds, "held_out_accuracy": accuracy}
     info_path = os.path.join(args.out, "pretrain_info.json")
     if args.eval_only and os.path.exists(info_path):
         with open(info_path) as f:
