@@ -26,17 +26,21 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 TASK_DEFAULTS = {
     "arithmetic": dict(config=os.path.join(REPO, "configs", "star_arithmetic_tiny.json"),
                        base_model_location=os.path.join(REPO, "assets", "arithmetic_base"),
-                       out_dir="runs/star_arithmetic", rationalize=True, n_iters=4, n_train_samples=400,
-                       gen_length=120, gradient_accumulation_steps=1, steady_grow=True,
-                       start_steps=60, add_steps=20, eval_batch_size=100),
+                       out_dir="runs/star_arithmetic", rationalize=True, n_iters=4, n_train_samples=900,
+                       gen_length=120, gradient_accumulation_steps=1, steady_grow=False,
+                       start_steps=60, add_steps=20, eval_batch_size=100,
+                       # epoch mode: steps = kept * epochs / 40 (40 ~ examples per step of the demo config)
+                       base_epochs=3.0, add_epochs=0.5, sequence_count=40, p_show_hint_save=0.3),
     "commonsenseqa": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                           base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_commonsenseqa",
                           rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96,
-                          gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8),
+                          gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
+                          base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0),
     "gsm8k": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                   base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_gsm8k",
                   rationalize=False, n_iters=64, n_train_samples=10000, gen_length=256,
-                  gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8),
+                  gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
+                  base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0),
 }
 TASK_ALIASES = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
 
@@ -60,7 +64,9 @@ def parse_args(argv=None):
     a("--rationalize", action=argparse.BooleanOptionalAction, default=None,
       help="retry wrong answers with the answer as a hint (default: on for arithmetic, off otherwise, as the original)")
     a("--p_rationalization", type=float, default=1.0, help="share of wrong examples to rationalize")
-    a("--p_show_hint_save", type=float, default=0.0, help="share of rationalized examples saved WITH the hint")
+    a("--p_show_hint_save", type=float, default=None,
+      help="share of rationalized examples saved WITH the hint (default 0, as the original; 0.3 for the demo, whose "
+           "tiny model otherwise unlearns using hints after one iteration)")
     a("--few_shot_train", action="store_true", help="save the few-shot prompt in front of each training example")
     a("--no_prompt", action="store_true", help="after iteration 1, generate without the few-shot prompt")
     a("--direct", action="store_true", help="answer directly, without rationales (the direct baseline)")
@@ -72,14 +78,16 @@ def parse_args(argv=None):
     a("--gradient_accumulation_steps", type=int, default=None, help="micro-batches per optimizer step")
     a("--exponential_grow", action="store_true", help="steps(n) = start_steps * grow_steps**(n-1) (the paper's)")
     a("--steady_grow", action=argparse.BooleanOptionalAction, default=None,
-      help="steps(n) = start_steps + add_steps*(n-1) (default on for arithmetic)")
+      help="steps(n) = start_steps + add_steps*(n-1)")
     a("--start_steps", type=float, default=None, help="steps of the first iteration (grow modes)")
     a("--add_steps", type=float, default=None, help="steps added per iteration (steady mode)")
     a("--grow_steps", type=float, default=1.2, help="growth factor per iteration (exponential mode)")
-    a("--base_epochs", type=float, default=1.0, help="epochs of the first iteration (epoch mode, the default "
-                                                      "when neither grow flag is set)")
-    a("--add_epochs", type=float, default=0.2, help="epochs added per iteration (epoch mode)")
-    a("--sequence_count", type=int, default=10, help="examples per sequence on average (epoch mode)")
+    a("--base_epochs", type=float, default=None, help="epochs of the first iteration (epoch mode, the default "
+                                                       "when neither grow flag is set; default 1, the demo 3)")
+    a("--add_epochs", type=float, default=None, help="epochs added per iteration (epoch mode; default 0.2, demo 0.5)")
+    a("--sequence_count", type=int, default=None,
+      help="examples per optimizer step on average (epoch mode: steps = kept * epochs / (GA * this); default 10, "
+           "the demo 40)")
     a("--copy_n", type=int, default=0, help="also train on the last N examples of the previous iteration")
     a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
       help="cap on steps per iteration (the paper capped GSM8K at 7912)")
