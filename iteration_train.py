@@ -153,9 +153,12 @@ def main(argv=None):
                          GenerationSettings(temperature=args.temperature, batch_size=args.eval_batch_size,
                                             seed=args.seed), progress=args.progress)
     rows = StarRun(opts, task, backend).run()
-    logging.getLogger("star").info("done: %d iterations; see %s", len(rows),
-                                   os.path.join(opts.out_dir, "results.md"))
-    with open(os.path.join(opts.out_dir, "results.md")) as f:
+    report = os.path.join(opts.out_dir, "results.md")
+    if args.dry_run or not os.path.exists(report):
+        logging.getLogger("star").info("done: %d iterations (no report: nothing was run)", len(rows))
+        return
+    logging.getLogger("star").info("done: %d iterations; see %s", len(rows), report)
+    with open(report) as f:
         print(f.read())
 
 
