@@ -4,7 +4,7 @@
 # settings: 1-3 digit sums, the same questions, the same step schedule) plus the flags of its row; extra flags given
 # to this script (e.g. --n_iters 8) apply to every run. Runs are resumable: rerun the script after an interruption.
 #
-#   bash scripts/arithmetic_results.sh                 # ~1 hour on 2 cores (two runs at a time, one core each)
+#   bash scripts/arithmetic_results.sh                 # ~30 min on 2 cores (two runs at a time, one core each)
 #   OUT=runs/results JOBS=1 bash scripts/arithmetic_results.sh --n_iters 6
 set -euo pipefail
 cd "$(dirname "$0")/.."
