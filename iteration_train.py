@@ -117,7 +117,7 @@ def parse_args(argv=None):
     if args.task not in TASK_DEFAULTS:
         p.error(f"--task {args.task!r} does not exist; choose one of {', '.join(TASK_DEFAULTS)} (or cqa, gsm)")
     if args.exponential_grow and args.steady_grow is None:
-        args.steady_grow = False  # an explicit --exponential_grow wins over the demo's steady default
+        args.steady_grow = False  # an explicit --exponential_grow wins over a task's steady default
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
