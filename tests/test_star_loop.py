@@ -72,10 +72,10 @@ TRAIN_KEYS = dict(cores_per_replica=1, per_replica_batch=4, gradient_accumulatio
 ARITH_SEQ, CQA_SEQ = 256, 1024
 N_ITERS = 2
 # 2 iterations of steady_grow 4 + 2 (n - 1) steps; 8 train questions (4 of each digit count) in chunks of 4;
-# 8 dev questions; rationalization on (the arithmetic default)
+# 8 dev questions; rationalization on (the arithmetic default), hinted examples saved without the hint
 ARITH_ARGS = ["--task", "arithmetic", "--max_digits", "2", "--n_dev_per_digit", "4", "--n_train_samples", "8",
               "--n_iters", str(N_ITERS), "--gen_length", "40", "--eval_batch_size", "4", "--steady_grow",
-              "--start_steps", "4", "--add_steps", "2", "--no-progress"]
+              "--start_steps", "4", "--add_steps", "2", "--p_show_hint_save", "0", "--no-progress"]
 
 # Answers half of the training questions (a + b even) and a third of the hinted retries with the reference
 # scratchpad; every other answer, and every dev answer, is the real model's.
