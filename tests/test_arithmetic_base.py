@@ -117,3 +117,24 @@ def test_compare_runs_table(tmp_path, capsys):
 def test_compare_runs_missing_folder_is_one_error(tmp_path):
     with pytest.raises(SystemExit, match="results.json does not exist"):
         compare_runs.main([f"x={tmp_path / 'nope'}"])
+
+
+def test_p_show_hint_save_keeps_that_share_of_rationalized_hints():
+    """The demo saves 30% of rationalized examples with their hint (iteration_train.py's arithmetic default); first-try
+    examples never carry it, and the choice is a fixed function of (seed, example id)."""
+    from star.rationales import PassOptions, training_example
+    from star.tasks import get_task
+    task = get_task("arithmetic", min_digits=2, max_digits=2, n_train=1000, n_dev=0, n_exemplars=0, seed=0)
+    examples = task.load("train")
+    opts = PassOptions(p_show_hint_save=0.3, seed=5)
+
+    def contexts(rationalized):
+        return [training_example(task, {"rationalized": rationalized, "completion": "x"}, ex, opts)[0]
+                for ex in examples]
+
+    hinted = [not c.endswith("Target:\n") for c in contexts(True)]
+    assert 0.25 < sum(hinted) / len(hinted) < 0.35
+    assert hinted == [not c.endswith("Target:\n") for c in contexts(True)]  # the same choices again
+    assert not any(not c.endswith("Target:\n") for c in contexts(False))
+    from iteration_train import parse_args
+    assert parse_args([]).p_show_hint_save == 0.3 and parse_args(["--task", "cqa"]).p_show_hint_save == 0.0
