@@ -5,23 +5,20 @@ rationalized counts summed over iterations and the wrong-step rationales among t
   python scripts/compare_runs.py "STaR=runs/results/star" "direct=runs/results/direct" > table.md
 """
 import argparse
-import json
 import os
 import sys
 
 from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from star.report import class_order, load_results, pct  # noqa: E402
 
 
 def load_rows(run_dir: str) -> list:
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
         sys.exit(f"error: {path} does not exist; run iteration_train.py with --out-dir {run_dir} first")
-    with open(path) as f:
-        return json.load(f)
-
-
-def pct(x) -> str:
-    return "" if x is None else f"{100 * x:.1f}"
+    return load_results(path)
 
 
 def summary(label: str, rows: list, classes: list) -> list:
@@ -51,8 +48,7 @@ def main(argv=None):
             p.error(f"{item!r}: give LABEL=RUN_DIR")
         label, run_dir = item.split("=", 1)
         runs.append((label, load_rows(run_dir)))
-    classes = sorted({c for _, rows in runs for r in rows for c in (r.get("dev_accuracy") or {})},
-                     key=lambda c: (c == "all", len(c), c))
+    classes = class_order(c for _, rows in runs for r in rows for c in (r.get("dev_accuracy") or {}))
     base_rows = load_rows(args.base) if args.base else runs[0][1]
     base = next((r for r in base_rows if r["iteration"] == 0 and r.get("dev_accuracy")), None)
     table = []

@@ -23,19 +23,20 @@ def save_results(path: str, rows: List[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
+    """A share as a percentage with one decimal; empty for None."""
     return "" if x is None else f"{100 * x:.1f}"
+
+
+def class_order(classes) -> List[str]:
+    """Answer classes in table order: by length then name (1, 2, ..., 10), `all` last."""
+    return sorted(set(classes), key=lambda c: (c == "all", len(c), c))
 
 
 def results_table(rows: List[dict]) -> str:
     """Markdown table: iteration, steps, train accuracy, kept, rationalized share, wrong-step rationales, dev
     accuracy per class, time."""
-    classes: List[str] = []
-    for r in rows:
-        for c in (r.get("dev_accuracy") or {}):
-            if c not in classes:
-                classes.append(c)
-    classes.sort(key=lambda c: (c == "all", len(c), c))
+    classes = class_order(c for r in rows for c in (r.get("dev_accuracy") or {}))
     headers = ["iter", "steps", "train acc %", "kept", "rationalized %", "right answer, wrong steps"] + \
               [f"dev {c} %" for c in classes] + ["minutes"]
     table = []
@@ -47,9 +48,9 @@ def results_table(rows: List[dict]) -> str:
         if train.get("correct_checked"):
             wrong_steps = f"{train['correct_wrong_steps']}/{train['correct_checked']}"
         dev = r.get("dev_accuracy") or {}
-        table.append([r["iteration"], r.get("steps", ""), _pct(train.get("accuracy")) if train else "",
-                      kept if kept is not None else "", _pct(rat_share), wrong_steps] +
-                     [_pct(dev.get(c)) for c in classes] + [f"{r.get('seconds', 0) / 60:.1f}"])
+        table.append([r["iteration"], r.get("steps", ""), pct(train.get("accuracy")) if train else "",
+                      kept if kept is not None else "", pct(rat_share), wrong_steps] +
+                     [pct(dev.get(c)) for c in classes] + [f"{r.get('seconds', 0) / 60:.1f}"])
     return tabulate(table, headers=headers, tablefmt="github")
 
 
@@ -77,7 +78,7 @@ def plot_accuracy(path: str, rows: List[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.get("dev_accuracy")]
-    classes = sorted({c for r in rows for c in r["dev_accuracy"]}, key=lambda c: (c == "all", len(c), c))
+    classes = class_order(c for r in rows for c in r["dev_accuracy"])
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for c in classes:
         xs = [r["iteration"] for r in rows if c in r["dev_accuracy"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 
 import pytest
 
@@ -84,7 +85,6 @@ def test_shipped_base_adds_one_digit_sums():
     task = get_task("arithmetic", min_digits=1, max_digits=1, n_dev=40, n_exemplars=0, seed=0)
     dev = task.load("dev")
     backend = JaxBackend(cfg, None, GenerationSettings(batch_size=40), progress=False)
-    import tempfile
     with tempfile.TemporaryDirectory() as work:
         records = run_pass(task, dev, backend.generate_fn(params),
                            PassOptions(gen_length=task.default_gen_length, chunk_size=40, progress=False),
