@@ -2,9 +2,11 @@
 
 With no arguments it runs the demo: STaR with rationalization on 1-3 digit addition (Nye et al. scratchpads), a tiny
 GPT-J and the byte tokenizer, on the CPU, no downloads, starting from the small base model shipped in
-assets/arithmetic_base (made by `python scripts/pretrain_arithmetic_base.py`). Each iteration: generate rationales
-with M(n-1), keep the correct ones, rationalize the wrong ones with the answer as a hint, pack the kept ones to
-TFRecords (loss on the completion only), fine-tune the BASE model for steps(n), evaluate on held-out questions.
+assets/arithmetic_base (made by `bash scripts/make_arithmetic_base.sh`). Each iteration: generate rationales with
+M(n-1), keep the correct ones, rationalize the wrong ones with the answer as a hint, pack the kept ones to TFRecords
+(loss on the completion only), fine-tune for steps(n), evaluate on held-out questions. As the original, every
+fine-tune starts from the BASE model; the demo instead continues the previous iteration's model and replays 300
+examples of the base's pretraining data (--finetune_from previous, --replay_n 300; docs/DEVIATIONS.md says why).
 
 The experiment folder (--out-dir) gets results.md, accuracy.png and per iteration the rationale JSONL, training text,
 TFRecords, checkpoint and metrics. Killed at any stage, the same command continues where it stopped.
@@ -30,19 +32,26 @@ TASK_DEFAULTS = {
                        gen_length=120, gradient_accumulation_steps=1, steady_grow=False,
                        start_steps=60, add_steps=20, eval_batch_size=100,
                        # epoch mode: steps = kept * epochs / 40 (40 ~ examples per step of the demo config)
-                       base_epochs=3.0, add_epochs=0.5, sequence_count=40, p_show_hint_save=0.3),
+                       base_epochs=3.0, add_epochs=0.5, sequence_count=40, p_show_hint_save=0.3,
+                       # the tiny model keeps what it learned: each fine-tune continues the previous iteration's model
+                       # and replays 300 examples of the base's pretraining data (BASE/pretrain_pairs.jsonl, when the
+                       # base has one), so it does not forget what it knew
+                       finetune_from="previous", replay_n=300),
     "commonsenseqa": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                           base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_commonsenseqa",
                           rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96,
                           gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
-                          base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0),
+                          base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
+                          finetune_from="base", replay_file=None, replay_n=0),
     "gsm8k": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                   base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_gsm8k",
                   rationalize=False, n_iters=64, n_train_samples=10000, gen_length=256,
                   gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
-                  base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0),
+                  base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
+                  finetune_from="base", replay_file=None, replay_n=0),
 }
 TASK_ALIASES = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
+PRETRAIN_PAIRS = "pretrain_pairs.jsonl"  # written beside its params by scripts/pretrain_arithmetic_base.py
 
 
 def parse_args(argv=None):
@@ -88,6 +97,15 @@ def parse_args(argv=None):
     a("--sequence_count", type=int, default=None,
       help="examples per optimizer step on average (epoch mode: steps = kept * epochs / (GA * this); default 10, "
            "the demo 40)")
+    a("--finetune_from", choices=("base", "previous"), default=None,
+      help="start each iteration's fine-tune from the base model (the original; default except for the demo) or from "
+           "the previous iteration's model (the demo: its tiny model learns too little per iteration from the base)")
+    a("--replay_file", default=None,
+      help="JSONL of {\"context\", \"completion\"} examples mixed into every fine-tune (see --replay_n); default: "
+           "pretrain_pairs.jsonl in the base model's folder, when --replay_n > 0 and the base has one (the demo's does)")
+    a("--replay_n", type=int, default=None,
+      help="examples drawn from --replay_file per iteration (with replacement; default 0, the demo 300: 0 if there is no --replay_file); they are "
+           "trained on but add no steps and are not counted as kept")
     a("--copy_n", type=int, default=0, help="also train on the last N examples of the previous iteration")
     a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
       help="cap on steps per iteration (the paper capped GSM8K at 7912)")
@@ -121,6 +139,12 @@ def parse_args(argv=None):
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.replay_file is None and args.replay_n:  # default: the base's own pretraining data, if it ships them
+        pairs = os.path.join(args.base_model_location or "", PRETRAIN_PAIRS)
+        if os.path.exists(pairs):
+            args.replay_file = pairs
+        else:
+            args.replay_n = 0
     return args
 
 

@@ -12,9 +12,9 @@ OUT=${OUT:-runs/results}
 JOBS=${JOBS:-2}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-# The STaR runs' steps follow their kept counts (epoch mode: kept * epochs / 40, ~34, 40, 46, 52 here); the gold
+# The STaR runs' steps follow their kept counts (epoch mode: kept * epochs / 40, ~63, 73, 86, 97 here); the gold
 # baselines keep every sampled question, so they get that schedule fixed instead, to train for the same steps.
-GOLD_STEPS="--steady_grow --start_steps 34 --add_steps 6"
+GOLD_STEPS="--steady_grow --start_steps 63 --add_steps 11"
 
 # label | flags
 RUNS=(

@@ -2,7 +2,7 @@
 
 GPT-J-6B comes to STaR already able to follow a few-shot prompt, use a hint and add small numbers; a ~0.86M-parameter
 model trained from nothing cannot. This script gives the demo that starting point, reproducibly. It trains the demo
-config from scratch on:
+config from scratch (or, with `--init`, continues a checkpoint) on:
 
 - annotated problems: for each digit count in `--digits`, `--n-per-digit` problems (a comma list, one count per digit
   count) with their Nye et al. scratchpads; a share `--p-hint` of the questions carry the answer hint, so the model
@@ -11,11 +11,14 @@ config from scratch on:
   a scratchpad, so a tiny model sees few examples of the lookup per step; these dense documents teach it sooner.
 
 The demo's held-out questions with `--hold-out-digits` digits are excluded. The params (float32, v1 checkpoint layout,
-one shard) go to `--out`, with `pretrain_info.json`: the command, the arguments, the time and the held-out accuracy per
-digit count of the arithmetic task's dev questions (as iteration_train.py evaluates them).
+one shard) go to `--out`, with `pretrain_info.json` (the command, the arguments, the time, the held-out accuracy per
+digit count of the arithmetic task's dev questions as iteration_train.py evaluates them, and the `--init` stage's own
+info) and `pretrain_pairs.jsonl` (the training examples, which STaR fine-tunes can replay: `--replay_file`).
 
-  python scripts/pretrain_arithmetic_base.py            # writes assets/arithmetic_base (~25 min on one CPU core)
-  python scripts/pretrain_arithmetic_base.py --out /tmp/base_rerun   # the reproducibility check
+The demo's base is two runs of this script, stage 1 with its defaults and stage 2 continuing it on more 2- and
+3-digit problems: `bash scripts/make_arithmetic_base.sh` (~35 min on one CPU core) runs both.
+
+  python scripts/pretrain_arithmetic_base.py --out /tmp/stage1          # stage 1 (~25 min on one CPU core)
 """
 import argparse
 import json
@@ -29,6 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+PAIRS_FILE = "pretrain_pairs.jsonl"
+
+
 def int_list(text: str) -> list:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -37,7 +43,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(REPO, "configs", "star_arithmetic_tiny.json"),
                    help="model config of the demo")
-    p.add_argument("--out", default=os.path.join(REPO, "assets", "arithmetic_base"), help="output checkpoint folder")
+    p.add_argument("--out", required=True,
+                   help="output checkpoint folder (the demo's, assets/arithmetic_base, is made by "
+                        "scripts/make_arithmetic_base.sh)")
     p.add_argument("--digits", default="1,2,3", help="digit counts of the annotated training problems")
     p.add_argument("--n-per-digit", default="3000,1500,300",
                    help="annotated problems per digit count, one number per --digits entry (or one for all)")
@@ -53,6 +61,9 @@ def parse_args(argv=None):
                    help="digit counts whose demo dev questions are kept out of pretraining. 1-digit sums are not held "
                         "out by default: only 81 exist, and they are the addition table the scratchpad is built from "
                         "(GPT-J knows it too)")
+    p.add_argument("--init", default=None,
+                   help="start from this checkpoint instead of a random init (a second stage: continue a base on "
+                        "another data mix; give that stage its own --seed so it draws new problems)")
     p.add_argument("--eval-only", action="store_true", help="only re-evaluate the base already in --out")
     args = p.parse_args(argv)
     args.digit_list = int_list(args.digits)
@@ -118,14 +129,20 @@ def main(argv=None):
             backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=150))
             index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
                                   seed=args.seed)
+            init = None
+            if args.init:
+                init, _, _, _ = ckpt.load_checkpoint(args.init, cfg, with_opt=False)
             state = train(run_cfg.replace(train_set=index),
                           RunOptions(ckpt_path=os.path.join(work, "ckpt"), total_steps=args.steps, seed=args.seed,
-                                     desc="pretrain"), trainer=backend.trainer)
+                                     init_params=init, desc="pretrain"), trainer=backend.trainer)
             params = jax.tree.map(np.asarray, state.params)
             train_seconds = round(time.time() - t0, 1)
             if os.path.exists(args.out):
                 shutil.rmtree(args.out)
             ckpt.save_checkpoint(args.out, params, args.steps, cfg, shards=1)  # saved before the evaluation
+            # the training data beside the params: STaR fine-tunes can replay a slice of it (--replay_file)
+            with open(os.path.join(args.out, PAIRS_FILE), "w") as f:
+                f.writelines(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs)
         records = run_pass(eval_task, dev, backend.generate_fn(params),
                            PassOptions(gen_length=eval_task.default_gen_length, chunk_size=150, desc="eval base"),
                            os.path.join(work, "eval.jsonl"))
@@ -133,6 +150,10 @@ def main(argv=None):
     info = {"command": "python scripts/pretrain_arithmetic_base.py " + " ".join(argv or sys.argv[1:]),
             "args": {k: v for k, v in vars(args).items() if k not in ("digit_list", "counts")},
             "train_examples": len(pairs), "train_seconds": train_seconds, "held_out_accuracy": accuracy}
+    init_info = os.path.join(args.init or "", "pretrain_info.json")
+    if args.init and os.path.exists(init_info):  # the stage this one continued, so the file tells the whole recipe
+        with open(init_info) as f:
+            info["init_info"] = json.load(f)
     info_path = os.path.join(args.out, "pretrain_info.json")
     if args.eval_only and os.path.exists(info_path):
         with open(info_path) as f:

@@ -2,7 +2,8 @@
 
 Iteration n: M(n-1) (the base when n = 1) answers the training questions -> keep the correct rationales, rationalize
 the wrong ones with the hint -> write the kept examples as text -> pack to TFRecords with a completion loss mask ->
-fine-tune THE BASE model for steps(n) -> M(n) -> evaluate M(n) on dev -> record. Iteration 0 evaluates the base.
+fine-tune THE BASE model (the original; or M(n-1) with finetune_from="previous") for steps(n) -> M(n) -> evaluate M(n)
+on dev -> record. Iteration 0 evaluates the base. Optionally a slice of old data (replay_file) joins every fine-tune.
 
 Everything an iteration makes lives in `{out_dir}/iter_{n:02d}/`; each stage leaves a file that says it finished, so
 the same command, rerun after a kill, continues where it stopped and never appends an example twice.
@@ -80,6 +81,9 @@ class StarOptions:
     task_options: dict = dataclasses.field(default_factory=dict)
     gold: bool = False  # baseline: train on gold completions of the sampled questions, not on rationales
     train_classes: Optional[tuple] = None  # only training questions of these answer classes (e.g. digit counts)
+    finetune_from: str = "base"  # "base" (the original: every iteration restarts from the base) or "previous"
+    replay_file: Optional[str] = None  # JSONL of {context, completion} mixed into every fine-tune (see replay_n)
+    replay_n: int = 0  # examples drawn (with replacement) from replay_file per iteration
 
 
 def n_steps(opts: StarOptions, iteration: int, n_examples: int) -> int:
@@ -142,6 +146,13 @@ class StarRun:
             self.dev_examples = self.dev_examples[:opts.n_dev_samples]
         # read the prompt files now: a missing one should fail before the model is loaded, not after the base eval
         task.few_shot_prompt(hint=False, direct=opts.direct)
+        if opts.finetune_from not in ("base", "previous"):
+            raise ValueError(f"finetune_from must be 'base' or 'previous', not {opts.finetune_from!r}")
+        if opts.replay_n > 0 and not opts.replay_file:
+            raise ValueError("replay_n > 0 needs a replay_file (JSONL of {context, completion} per line)")
+        if opts.replay_file and not os.path.exists(opts.replay_file):
+            raise FileNotFoundError(f"--replay_file {opts.replay_file} does not exist")
+        self._replay_pool = None
         if opts.rationalize:
             task.few_shot_prompt(hint=True, direct=opts.direct)
 
@@ -185,13 +196,14 @@ class StarRun:
         by_id = {ex.id: ex for ex in examples}
         opts = self._pass_options(n, "train")
         if self.opts.gold:
-            return self._gold_examples(d, examples)
+            return self._gold_examples(d, examples, n)
         records = run_pass(self.task, examples, self.backend.generate_fn(params), opts,
                            os.path.join(d, "rationales.jsonl"), on_chunk=lambda: _test_kill_hook("generate", n))
         pairs = [training_example(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
         if self.opts.copy_n and n > 1:  # the original also copied the last copy_n examples of the previous iteration
             prev = _read_jsonl_pairs(os.path.join(iter_dir(self.opts, n - 1), "train.jsonl"))
             pairs = prev[-self.opts.copy_n:] + pairs
+        pairs = pairs + self._replay(n)
         _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
         _write_atomic(os.path.join(d, "train.jsonl"),
                       "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
@@ -199,18 +211,34 @@ class StarRun:
         _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
         return summary
 
-    def _gold_examples(self, d: str, examples) -> dict:
+    def _replay(self, n: int) -> List[tuple]:
+        """replay_n pairs drawn from replay_file for iteration n (none without a file): old knowledge the fine-tune
+        should not erase, e.g. the demo base's addition table. They are mixed into train.jsonl but do not count as
+        kept examples, so they add no steps."""
+        o = self.opts
+        if not o.replay_file or o.replay_n <= 0:
+            return []
+        if self._replay_pool is None:
+            self._replay_pool = _read_jsonl_pairs(o.replay_file)
+            if not self._replay_pool:
+                raise ValueError(f"--replay_file {o.replay_file}: no {{context, completion}} lines found; give a "
+                                 f"JSONL file with one such object per line")
+        rng = random.Random(o.seed * 1000 + n + 500)
+        return [self._replay_pool[rng.randrange(len(self._replay_pool))] for _ in range(o.replay_n)]
+
+    def _gold_examples(self, d: str, examples, n: int) -> dict:
         """The supervised baselines: train on the gold completions (answers only with --direct) of the sampled
         questions instead of the model's own rationales."""
         task = self.task
         target = task.direct_completion if self.opts.direct else getattr(task, "reference_completion", None)
         if target is None:
             raise ValueError(f"task {task.name} has no gold rationales; use --gold with --direct")
-        pairs = [(task.format_question(ex), target(ex)) for ex in examples]
+        gold = [(task.format_question(ex), target(ex)) for ex in examples]
+        pairs = gold + self._replay(n)
         _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
         _write_atomic(os.path.join(d, "train.jsonl"),
                       "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
-        summary = {"n": len(pairs), "kept": len(pairs), "rationalized": 0, "gold": True}
+        summary = {"n": len(gold), "kept": len(gold), "rationalized": 0, "gold": True}
         _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
         return summary
 
@@ -257,7 +285,8 @@ class StarRun:
                 if os.path.exists(os.path.join(ckpt_dir, "meta.json")):  # a checkpoint of this iteration exists
                     _test_kill_hook("train", n)
 
-            params = self.backend.finetune(base, index, steps, ckpt_dir, desc=f"iter {n} train", on_step=on_step)
+            start = prev_params if o.finetune_from == "previous" else base
+            params = self.backend.finetune(start, index, steps, ckpt_dir, desc=f"iter {n} train", on_step=on_step)
             if not o.skip_eval:
                 row["dev_accuracy"] = self.evaluate(n, params)["accuracy"]
             row.update(complete=True, seconds=time.time() - t0)

@@ -67,6 +67,14 @@ def test_pretrain_script_writes_a_loadable_base(tmp_path):
     cfg = load_config(REPO / "configs" / "star_arithmetic_tiny.json")
     params, _, step, _ = ckpt.load_checkpoint(str(out), cfg, with_opt=False)
     assert step == 3 and params["embedding"]["w"].shape == (cfg.n_vocab, cfg.d_model)
+    pairs = [json.loads(line) for line in (out / pretrain.PAIRS_FILE).read_text().splitlines()]
+    assert len(pairs) == info["train_examples"] and set(pairs[0]) == {"context", "completion"}
+    # a second stage continues from the first one's params
+    stage2 = tmp_path / "stage2"
+    pretrain.main(["--out", str(stage2), "--init", str(out), "--seed", "7", "--steps", "1", "--n-per-digit", "20",
+                   "--n-facts", "10", "--n-eval", "2", "--batch", "2", "--warmup", "1", "--lr", "0"])
+    params2, _, _, _ = ckpt.load_checkpoint(str(stage2), cfg, with_opt=False)
+    assert (params2["embedding"]["w"] == params["embedding"]["w"]).all()  # lr 0: the first stage's params, unchanged
 
 
 def test_shipped_base_adds_one_digit_sums():
