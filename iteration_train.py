@@ -98,14 +98,16 @@ def parse_args(argv=None):
       help="examples per optimizer step on average (epoch mode: steps = kept * epochs / (GA * this); default 10, "
            "the demo 40)")
     a("--finetune_from", choices=("base", "previous"), default=None,
-      help="start each iteration's fine-tune from the base model (the original; default except for the demo) or from "
-           "the previous iteration's model (the demo: its tiny model learns too little per iteration from the base)")
+      help="start each iteration's fine-tune from the base model (the original; the default except for the demo) "
+           "or from the previous iteration's model (the demo: its tiny model learns too little per iteration from "
+           "the base)")
     a("--replay_file", default=None,
-      help="JSONL of {\"context\", \"completion\"} examples mixed into every fine-tune (see --replay_n); default: "
-           "pretrain_pairs.jsonl in the base model's folder, when --replay_n > 0 and the base has one (the demo's does)")
+      help="JSONL of {\"context\", \"completion\"} examples mixed into every fine-tune (see --replay_n); "
+           "default: pretrain_pairs.jsonl in the base model's folder, when --replay_n > 0 and the base has one "
+           "(the demo's does)")
     a("--replay_n", type=int, default=None,
-      help="examples drawn from --replay_file per iteration (with replacement; default 0, the demo 300: 0 if there is no --replay_file); they are "
-           "trained on but add no steps and are not counted as kept")
+      help="examples drawn from --replay_file per iteration, with replacement (default 0; the demo 300, or 0 when its "
+           "base has no pretrain_pairs.jsonl); they are trained on but add no steps and are not counted as kept")
     a("--copy_n", type=int, default=0, help="also train on the last N examples of the previous iteration")
     a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
       help="cap on steps per iteration (the paper capped GSM8K at 7912)")

@@ -202,6 +202,7 @@ class StarRun:
         pairs = [training_example(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
         if self.opts.copy_n and n > 1:  # the original also copied the last copy_n examples of the previous iteration
             prev = _read_jsonl_pairs(os.path.join(iter_dir(self.opts, n - 1), "train.jsonl"))
+            prev = prev[:len(prev) - len(self._replay(n - 1))]  # without that iteration's replayed examples (last)
             pairs = prev[-self.opts.copy_n:] + pairs
         pairs = pairs + self._replay(n)
         _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
@@ -213,8 +214,8 @@ class StarRun:
 
     def _replay(self, n: int) -> List[tuple]:
         """replay_n pairs drawn from replay_file for iteration n (none without a file): old knowledge the fine-tune
-        should not erase, e.g. the demo base's addition table. They are mixed into train.jsonl but do not count as
-        kept examples, so they add no steps."""
+        should not erase, e.g. the demo base's own pretraining data. They go last into train.jsonl (packing shuffles)
+        but do not count as kept examples, so they add no steps."""
         o = self.opts
         if not o.replay_file or o.replay_n <= 0:
             return []

@@ -79,7 +79,7 @@ def test_pretrain_script_writes_a_loadable_base(tmp_path):
 
 def test_shipped_base_adds_one_digit_sums():
     """The shipped base is a trained model, not an initialisation: greedy scratchpads of 1-digit sums are mostly
-    right (pretrain_info.json records 82.5% on the 40 held-out ones)."""
+    right (pretrain_info.json records 97.5% on the 40 dev ones)."""
     from mesh_transformer import checkpoint as ckpt
     from mesh_transformer.config import load_config
     from star.backend import GenerationSettings, JaxBackend

@@ -72,17 +72,20 @@ def test_finetune_from_previous_resumes_from_the_saved_model(tmp_path):
 
 def test_replay_adds_examples_from_the_file_without_steps(tmp_path):
     replay = tmp_path / "table.jsonl"
-    facts = [{"context": f"{x} + {y} , ", "completion": " ".join(str(x + y)) + "\n"} for x in range(3) for y in range(3)]
+    facts = [{"context": f"{x} + {y} , ", "completion": " ".join(str(x + y)) + "\n"}
+             for x in range(3) for y in range(3)]
     replay.write_text("".join(json.dumps(f) + "\n" for f in facts))
     backend = _run(tmp_path, replay_file=str(replay), replay_n=5)
     for packed in backend.packed:
         assert len(packed) == 6 + 5  # every question answered right (6 kept) + 5 replayed
-        assert all(p in facts for p in packed[6:])
+        assert all(p in facts for p in packed[6:]) and not any(p in facts for p in packed[:6])
     assert backend.packed[0][6:] != backend.packed[1][6:]  # drawn anew each iteration
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["train"]["kept"] for r in rows if r["iteration"] > 0] == [6, 6, 6]  # replay is not "kept"
     again = _run(tmp_path / "again", replay_file=str(replay), replay_n=5)
     assert again.packed == backend.packed  # seeded: the same draw on a rerun
+    copied = _run(tmp_path / "copy", replay_file=str(replay), replay_n=5, copy_n=2)
+    assert copied.packed[1][:2] == copied.packed[0][4:6]  # copy_n copies kept examples, not the replayed ones
 
 
 @pytest.mark.parametrize("options, message", [
