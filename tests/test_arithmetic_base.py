@@ -30,7 +30,8 @@ compare_runs = _load_script("compare_runs")
 
 def test_training_pairs_hold_out_the_demo_dev_set():
     from star.tasks import get_task
-    args = pretrain.parse_args(["--digits", "1,2", "--n-per-digit", "50,400", "--n-facts", "30"])
+    args = pretrain.parse_args(["--out", "unused", "--digits", "1,2", "--n-per-digit", "50,400",
+                                "--n-facts", "30"])
     dev = get_task("arithmetic", min_digits=1, max_digits=3, n_dev=100, n_exemplars=0, seed=0).load("dev")
     held_out = {ex.question for ex in dev if ex.meta["digits"] >= 2}
     pairs = pretrain.training_pairs(args, held_out)
@@ -51,7 +52,7 @@ def test_training_pairs_hold_out_the_demo_dev_set():
 
 def test_n_per_digit_must_match_digits(capsys):
     with pytest.raises(SystemExit):
-        pretrain.parse_args(["--digits", "1,2,3", "--n-per-digit", "10,20"])
+        pretrain.parse_args(["--out", "unused", "--digits", "1,2,3", "--n-per-digit", "10,20"])
     assert "--n-per-digit has 2 numbers for 3 --digits" in capsys.readouterr().err
 
 
