@@ -116,6 +116,10 @@ def main(argv=None):
     hold_out = {d.strip() for d in args.hold_out_digits.split(",") if d.strip()}
     held_out = {ex.question for ex in dev if eval_task.answer_classes(ex) in hold_out}
     pairs = training_pairs(args, held_out)
+    init_info = None  # read now: --out may be the --init folder, which is replaced below
+    if args.init and os.path.exists(os.path.join(args.init, "pretrain_info.json")):
+        with open(os.path.join(args.init, "pretrain_info.json")) as f:
+            init_info = json.load(f)
     t0 = time.time()
     train_seconds = None
     with tempfile.TemporaryDirectory() as work:
@@ -150,10 +154,8 @@ def main(argv=None):
     info = {"command": "python scripts/pretrain_arithmetic_base.py " + " ".join(argv or sys.argv[1:]),
             "args": {k: v for k, v in vars(args).items() if k not in ("digit_list", "counts")},
             "train_examples": len(pairs), "train_seconds": train_seconds, "held_out_accuracy": accuracy}
-    init_info = os.path.join(args.init or "", "pretrain_info.json")
-    if args.init and os.path.exists(init_info):  # the stage this one continued, so the file tells the whole recipe
-        with open(init_info) as f:
-            info["init_info"] = json.load(f)
+    if init_info is not None:  # the stage this one continued, so the file tells the whole recipe
+        info["init_info"] = init_info
     info_path = os.path.join(args.out, "pretrain_info.json")
     if args.eval_only and os.path.exists(info_path):
         with open(info_path) as f:

@@ -74,6 +74,7 @@ def test_pretrain_script_writes_a_loadable_base(tmp_path):
     stage2 = tmp_path / "stage2"
     pretrain.main(["--out", str(stage2), "--init", str(out), "--seed", "7", "--steps", "1", "--n-per-digit", "20",
                    "--n-facts", "10", "--n-eval", "2", "--batch", "2", "--warmup", "1", "--lr", "0"])
+    assert json.loads((stage2 / "pretrain_info.json").read_text())["init_info"] == info  # the whole recipe
     params2, _, _, _ = ckpt.load_checkpoint(str(stage2), cfg, with_opt=False)
     assert (params2["embedding"]["w"] == params["embedding"]["w"]).all()  # lr 0: the first stage's params, unchanged
 
