@@ -123,6 +123,29 @@ def _read_jsonl_pairs(path: str) -> List[tuple]:
         return [(r["context"], r["completion"]) for r in map(json.loads, filter(str.strip, f))]
 
 
+def _read_replay_file(path: str) -> List[tuple]:
+    """The user's --replay_file: one {"context": str, "completion": str} object per line; a bad line is named."""
+    pairs = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                pair = (record["context"], record["completion"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"--replay_file {path} line {lineno}: expected a JSON object with string "
+                                 f"\"context\" and \"completion\", got {line.strip()[:80]!r}") from None
+            if not all(isinstance(x, str) for x in pair):
+                raise ValueError(f"--replay_file {path} line {lineno}: \"context\" and \"completion\" must be "
+                                 f"strings")
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"--replay_file {path} has no examples; give one {{\"context\", \"completion\"}} JSON "
+                         f"object per line")
+    return pairs
+
+
 def _read_json(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
@@ -152,7 +175,8 @@ class StarRun:
             raise ValueError("replay_n > 0 needs a replay_file (JSONL of {context, completion} per line)")
         if opts.replay_file and not os.path.exists(opts.replay_file):
             raise FileNotFoundError(f"--replay_file {opts.replay_file} does not exist")
-        self._replay_pool = None
+        # read now: a bad file should fail before the model is loaded, not after an iteration's generation
+        self._replay_pool = _read_replay_file(opts.replay_file) if opts.replay_file and opts.replay_n > 0 else None
         if opts.rationalize:
             task.few_shot_prompt(hint=True, direct=opts.direct)
 
@@ -217,13 +241,8 @@ class StarRun:
         should not erase, e.g. the demo base's own pretraining data. They go last into train.jsonl (packing shuffles)
         but do not count as kept examples, so they add no steps."""
         o = self.opts
-        if not o.replay_file or o.replay_n <= 0:
-            return []
         if self._replay_pool is None:
-            self._replay_pool = _read_jsonl_pairs(o.replay_file)
-            if not self._replay_pool:
-                raise ValueError(f"--replay_file {o.replay_file}: no {{context, completion}} lines found; give a "
-                                 f"JSONL file with one such object per line")
+            return []
         rng = random.Random(o.seed * 1000 + n + 500)
         return [self._replay_pool[rng.randrange(len(self._replay_pool))] for _ in range(o.replay_n)]
 

@@ -99,6 +99,20 @@ def test_bad_options_fail_before_any_work(tmp_path, options, message):
     assert not (tmp_path / "run" / "iter_00").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"context": "a"}\n', "line 1: expected a JSON object"),
+    ('{"context": "a", "completion": "b"}\nnot json\n', "line 2: expected a JSON object"),
+    ('{"context": "a", "completion": 3}\n', "line 1: .* must be strings"),
+    ("\n", "has no examples"),
+])
+def test_bad_replay_file_names_the_line(tmp_path, text, message):
+    replay = tmp_path / "bad.jsonl"
+    replay.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, replay_file=str(replay), replay_n=2)
+    assert not (tmp_path / "run" / "iter_00").exists()  # before any work
+
+
 def test_demo_defaults_replay_the_bases_own_pretraining_data(tmp_path):
     import iteration_train
     from cli_helpers import REPO
