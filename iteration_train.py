@@ -42,16 +42,15 @@ TASK_DEFAULTS = {
                           rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96,
                           gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
                           base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
-                          finetune_from="base", replay_file=None, replay_n=0),
+                          finetune_from="base", replay_n=0),
     "gsm8k": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                   base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_gsm8k",
                   rationalize=False, n_iters=64, n_train_samples=10000, gen_length=256,
                   gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
                   base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
-                  finetune_from="base", replay_file=None, replay_n=0),
+                  finetune_from="base", replay_n=0),
 }
 TASK_ALIASES = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
-PRETRAIN_PAIRS = "pretrain_pairs.jsonl"  # written beside its params by scripts/pretrain_arithmetic_base.py
 
 
 def parse_args(argv=None):
@@ -142,6 +141,7 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.replay_file is None and args.replay_n:  # default: the base's own pretraining data, if it ships them
+        from star.loop import PRETRAIN_PAIRS
         pairs = os.path.join(args.base_model_location or "", PRETRAIN_PAIRS)
         if os.path.exists(pairs):
             args.replay_file = pairs

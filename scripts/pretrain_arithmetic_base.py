@@ -30,9 +30,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-
-PAIRS_FILE = "pretrain_pairs.jsonl"
+from star.loop import PRETRAIN_PAIRS as PAIRS_FILE  # noqa: E402  (iteration_train.py replays this file by default)
 
 
 def int_list(text: str) -> list:

@@ -29,6 +29,9 @@ log = logging.getLogger("star")
 # at the first training step after a checkpoint of that iteration was committed (train). tests/test_star_loop.py uses
 # it to check that rerunning the command after a crash gives the uninterrupted run's files.
 KILL_ENV = "STAR_TEST_KILL_AT"
+# A base model's own training examples, beside its params (scripts/pretrain_arithmetic_base.py writes them); the
+# default --replay_file of iteration_train.py when the base has one
+PRETRAIN_PAIRS = "pretrain_pairs.jsonl"
 
 
 def _test_kill_hook(stage: str, n: int) -> None:
@@ -146,6 +149,13 @@ def _read_replay_file(path: str) -> List[tuple]:
     return pairs
 
 
+def _write_training_text(d: str, pairs: List[tuple]) -> None:
+    """An iteration's training examples: train.txt (the original's format) and train.jsonl (what is packed)."""
+    _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
+    _write_atomic(os.path.join(d, "train.jsonl"),
+                  "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
+
+
 def _read_json(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
@@ -226,12 +236,11 @@ class StarRun:
         pairs = [training_example(self.task, r, by_id[r["id"]], opts) for r in records if r["keep"]]
         if self.opts.copy_n and n > 1:  # the original also copied the last copy_n examples of the previous iteration
             prev = _read_jsonl_pairs(os.path.join(iter_dir(self.opts, n - 1), "train.jsonl"))
-            prev = prev[:len(prev) - len(self._replay(n - 1))]  # without that iteration's replayed examples (last)
+            if self._replay_pool is not None:  # without that iteration's replayed examples (written last)
+                prev = prev[:len(prev) - self.opts.replay_n]
             pairs = prev[-self.opts.copy_n:] + pairs
         pairs = pairs + self._replay(n)
-        _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
-        _write_atomic(os.path.join(d, "train.jsonl"),
-                      "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
+        _write_training_text(d, pairs)
         summary = summarize(records)
         _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
         return summary
@@ -255,9 +264,7 @@ class StarRun:
             raise ValueError(f"task {task.name} has no gold rationales; use --gold with --direct")
         gold = [(task.format_question(ex), target(ex)) for ex in examples]
         pairs = gold + self._replay(n)
-        _write_atomic(os.path.join(d, "train.txt"), "".join(c + t + EOT for c, t in pairs))
-        _write_atomic(os.path.join(d, "train.jsonl"),
-                      "".join(json.dumps({"context": c, "completion": t}) + "\n" for c, t in pairs))
+        _write_training_text(d, pairs)
         summary = {"n": len(gold), "kept": len(gold), "rationalized": 0, "gold": True}
         _write_atomic(os.path.join(d, "generation.json"), json.dumps(summary, indent=2))
         return summary
