@@ -71,7 +71,7 @@ class KVSegment(NamedTuple):
 _SCORE_EQ = {(False, False): "bthd,bshd->bhts", (True, False): "bthd,shd->bhts",
              (False, True): "bthd,bhsd->bhts", (True, True): "bthd,hsd->bhts"}
 _VALUE_EQ = {(False, False): "bhts,bshd->bthd", (True, False): "bhts,shd->bthd",
-             (False, True): "bhts,bhsd->bthd", (True, True): "bhts,hsd->bthd"}
+             (False, True): "bhts,bhsd->bthd"}  # (True, True): _shared_heads_first_values
 
 
 def segment_attention(q: jax.Array, segments: Sequence[KVSegment]) -> jax.Array:
@@ -88,10 +88,26 @@ def segment_attention(q: jax.Array, segments: Sequence[KVSegment]) -> jax.Array:
     for seg in segments:
         length = seg.k.shape[-2] if seg.heads_first else seg.k.shape[-3]
         p = probs[..., start:start + length].astype(seg.v.dtype)  # [B, H, T, S]
-        eq = _VALUE_EQ[(seg.v.ndim == 3, seg.heads_first)]
-        out = out + jnp.einsum(eq, p, seg.v, preferred_element_type=jnp.float32)
+        if seg.v.ndim == 3 and seg.heads_first:
+            out = out + _shared_heads_first_values(p, seg.v)
+        else:
+            eq = _VALUE_EQ[(seg.v.ndim == 3, seg.heads_first)]
+            out = out + jnp.einsum(eq, p, seg.v, preferred_element_type=jnp.float32)
         start += length
     return out.astype(q.dtype)  # [B, T, H, Dh]
+
+
+def _shared_heads_first_values(p: jax.Array, v: jax.Array) -> jax.Array:
+    """p [B, H, T, S] times a shared v [H, S, Dh] -> float32 [B, T, H, Dh], as one matmul batched over heads.
+
+    The plain einsum "bhts,hsd->bthd" is the same product, but XLA's CPU runtime rejects it in bf16 with a float32
+    result ("Unsupported element type for DotThunk: BF16 x BF16 = F32"), which broke bf16 sampling with a shared
+    prefix on CPU. Heads first with rows and tokens merged ([H, B*T, S]) is a dot every backend runs.
+    """
+    b, h, t, s = p.shape
+    rows = p.transpose(1, 0, 2, 3).reshape(h, b * t, s)  # [H, B*T, S]
+    out = jnp.einsum("hms,hsd->hmd", rows, v, preferred_element_type=jnp.float32)  # [H, B*T, Dh]
+    return out.reshape(h, b, t, -1).transpose(1, 2, 0, 3)  # [B, T, H, Dh]
 
 
 def causal_mask(token_valid: jax.Array) -> jax.Array:
