@@ -1,0 +1,156 @@
+"""Training throughput (tokens/s, MFU, peak memory) of our Trainer, or of HF GPTJForCausalLM as the baseline.
+
+CPU default (a tiny GPT-J, fp32; about a minute on 2 cores):
+    python benchmarks/train.py
+    python benchmarks/train.py --hf
+GPU, the 1.4B GPT-J shape of ../shared/anchors/gpu.md (24 layers, d_model 2048, 8 heads, seq 2048, batch 8,
+fp32 master weights, bf16 compute):
+    python benchmarks/train.py --gpu                                  # cuDNN attention, remat "dots", scanned layers
+    python benchmarks/train.py --gpu --attention xla --remat none     # other settings of the same config keys
+    python benchmarks/train.py --gpu --hf                             # HF: bf16 autocast, fused AdamW, eager attention
+
+One process measures one setting (peak memory is per process). Steps are timed after `--warmup` untimed ones
+(compilation); tokens/s = batch * seq * steps / wall time. MFU = (6N + 12 L d T) * tokens/s / peak, the formula of
+`mesh_transformer.train.flops_per_token` and of the anchors (peak 989 TFLOP/s bf16 dense on an H100/H200). Prints one
+markdown table row. Imports neither TensorFlow nor Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+HEADER = ("| impl | device | layers x d_model, seq, batch | attention | remat | tokens/s | step s | MFU | "
+          "peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="the 1.4B shape, seq 2048, batch 8, bf16 compute, cuDNN "
+                                                      "attention, remat dots (flags given explicitly still win)")
+    p.add_argument("--hf", action="store_true", help="time HF GPTJForCausalLM instead of ours")
+    p.add_argument("--layers", type=int, help="CPU default 4; --gpu 24")
+    p.add_argument("--d-model", type=int, help="CPU default 256; --gpu 2048")
+    p.add_argument("--heads", type=int, help="CPU default 4; --gpu 8")
+    p.add_argument("--vocab", type=int, help="CPU default 1024; --gpu 50400")
+    p.add_argument("--rotary", type=int, help="rotary dims per head (CPU default 32; --gpu 64)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (CPU default 256; --gpu 2048)")
+    p.add_argument("--batch", type=int, help="sequences per step (CPU default 8; --gpu 8)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype; params stay float32 (CPU default float32; --gpu bfloat16)")
+    p.add_argument("--attention", choices=("xla", "cudnn"), help="ours: attention_impl (CPU xla; --gpu cudnn)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), help="ours: remat policy (CPU none; --gpu dots); "
+                                                                     "HF: any value but none turns on "
+                                                                     "gradient checkpointing")
+    p.add_argument("--no-scan", action="store_true", help="ours: unroll the layers instead of lax.scan")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    args = p.parse_args(argv)
+    cpu = dict(layers=4, d_model=256, heads=4, vocab=1024, rotary=32, seq=256, batch=8, dtype="float32",
+               attention="xla", remat="none")
+    gpu = dict(layers=24, d_model=2048, heads=8, vocab=50400, rotary=64, seq=2048, batch=8, dtype="bfloat16",
+               attention="cudnn", remat="dots")
+    for key, value in (gpu if args.gpu else cpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def config(args):
+    from mesh_transformer.config import load_config
+
+    return load_config(dict(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab,
+                            seq=args.seq, pe_rotary_dims=args.rotary, per_replica_batch=args.batch,
+                            compute_dtype=args.dtype, attention_impl=args.attention, remat=args.remat,
+                            scan_layers=not args.no_scan, warmup_steps=10, anneal_steps=1000, lr=1e-4,
+                            end_lr=1e-5, weight_decay=0.1))
+
+
+def time_ours(args, cfg):
+    """(seconds per step, peak bytes or None, device name)."""
+    import jax
+    import numpy as np
+
+    from mesh_transformer.sharding import make_mesh
+    from mesh_transformer.train import Trainer
+
+    trainer = Trainer(cfg, make_mesh(1, jax.devices()[:1]))
+    state = trainer.init_state(jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (1, args.batch, args.seq + 1))
+    batch = {"tokens": jax.device_put(tokens, trainer.batch_sharding(3))}
+    for _ in range(args.warmup):
+        state, metrics = trainer.train_step(state, batch)
+    float(metrics["loss"])
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = trainer.train_step(state, batch)
+    loss = float(metrics["loss"])  # waits for the last step, hence for all of them
+    elapsed = time.perf_counter() - t0
+    assert np.isfinite(loss), f"loss is {loss}"
+    stats = jax.devices()[0].memory_stats() or {}
+    return elapsed / args.steps, stats.get("peak_bytes_in_use"), jax.devices()[0].device_kind
+
+
+def time_hf(args, cfg):
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from mesh_transformer.hf import hf_config_dict
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = GPTJForCausalLM(GPTJConfig(**hf_config_dict(cfg, eos_token_id=cfg.n_vocab - 1))).train()
+    if args.remat != "none":
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda")
+    ids = torch.randint(0, cfg.n_vocab, (args.batch, args.seq), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss = float(loss)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return elapsed / args.steps, peak, name
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    cfg = config(args)
+    from mesh_transformer.train import device_peak_flops, flops_per_token
+
+    step_s, peak, device = (time_hf if args.hf else time_ours)(args, cfg)
+    tps = args.batch * args.seq / step_s
+    peak_flops = device_peak_flops() if not args.hf else (989e12 if "H100" in device or "H200" in device else None)
+    mfu = f"{100 * flops_per_token(cfg, args.seq) * tps / peak_flops:.1f}%" if peak_flops else "-"
+    mem = f"{peak / 2**30:.1f}" if peak else "-"
+    impl = "HF GPTJForCausalLM" if args.hf else "ours" + ("" if args.no_scan else " (scan)")
+    attention = "eager" if args.hf else args.attention
+    print(HEADER)
+    print(f"| {impl} | {device} | {args.layers} x {args.d_model}, {args.seq}, {args.batch} | {attention} | "
+          f"{args.remat} | {tps:,.0f} | {step_s:.3f} | {mfu} | {mem} |", flush=True)
+    assert "tensorflow" not in sys.modules and "ray" not in sys.modules
+
+
+if __name__ == "__main__":
+    main()
