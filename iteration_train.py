@@ -100,6 +100,10 @@ def parse_args(argv=None):
       help="start each iteration's fine-tune from the base model (the original; the default except for the demo) "
            "or from the previous iteration's model (the demo: its tiny model learns too little per iteration from "
            "the base)")
+    a("--carry_optimizer", action=argparse.BooleanOptionalAction, default=None,
+      help="with --finetune_from previous: each fine-tune also continues the previous iteration's Adam moments "
+           "(read from its checkpoint; the learning-rate schedule and warm-up restart) instead of a fresh optimizer "
+           "(default off)")
     a("--replay_file", default=None,
       help="JSONL of {\"context\", \"completion\"} examples mixed into every fine-tune (see --replay_n); "
            "default: pretrain_pairs.jsonl in the base model's folder, when --replay_n > 0 and the base has one "

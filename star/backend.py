@@ -148,10 +148,13 @@ class JaxBackend:
                           learn_context=self.cfg.loss_mask == "none")
         return index
 
-    def finetune(self, base_params, index_path: str, steps: int, ckpt_dir: str, desc: str = "train", on_step=None):
+    def finetune(self, base_params, index_path: str, steps: int, ckpt_dir: str, desc: str = "train", on_step=None,
+                 init_ckpt: Optional[str] = None):
         """Fine-tunes base_params for `steps` steps, checkpointing to ckpt_dir (resumes from it when it holds one);
-        on_step(step, metrics) is called after every step."""
+        on_step(step, metrics) is called after every step. init_ckpt: start from this checkpoint's params AND Adam
+        state instead (the learning-rate schedule restarts, as mtj's --tune-model-path)."""
         cfg = self.cfg.replace(train_set=index_path, total_steps=steps, val_set={})
-        state = train(cfg, RunOptions(init_params=base_params, ckpt_path=ckpt_dir, total_steps=steps,
-                                      progress=self.progress, desc=desc), trainer=self.trainer, on_step=on_step)
+        state = train(cfg, RunOptions(init_params=base_params, tune_model_path=init_ckpt, ckpt_path=ckpt_dir,
+                                      total_steps=steps, progress=self.progress, desc=desc),
+                      trainer=self.trainer, on_step=on_step)
         return jax.tree.map(np.asarray, state.params)

@@ -87,6 +87,7 @@ class StarOptions:
     finetune_from: str = "base"  # "base" (the original: every iteration restarts from the base) or "previous"
     replay_file: Optional[str] = None  # JSONL of {context, completion} mixed into every fine-tune (see replay_n)
     replay_n: int = 0  # examples drawn (with replacement) from replay_file per iteration
+    carry_optimizer: bool = False  # with finetune_from="previous": also continue M(n-1)'s Adam moments (schedule restarts)
 
 
 def n_steps(opts: StarOptions, iteration: int, n_examples: int) -> int:
@@ -181,6 +182,9 @@ class StarRun:
         task.few_shot_prompt(hint=False, direct=opts.direct)
         if opts.finetune_from not in ("base", "previous"):
             raise ValueError(f"finetune_from must be 'base' or 'previous', not {opts.finetune_from!r}")
+        if opts.carry_optimizer and opts.finetune_from != "previous":
+            raise ValueError("carry_optimizer continues the previous iteration's optimizer state, so it needs "
+                             "finetune_from='previous'")
         if opts.replay_n > 0 and not opts.replay_file:
             raise ValueError("replay_n > 0 needs a replay_file (JSONL of {context, completion} per line)")
         if opts.replay_file and not os.path.exists(opts.replay_file):
@@ -313,7 +317,11 @@ class StarRun:
                     _test_kill_hook("train", n)
 
             start = prev_params if o.finetune_from == "previous" else base
-            params = self.backend.finetune(start, index, steps, ckpt_dir, desc=f"iter {n} train", on_step=on_step)
+            extra = {}
+            if o.carry_optimizer:  # M(n-1)'s checkpoint holds its Adam state; iteration 1 starts a fresh one
+                extra["init_ckpt"] = self._latest_ckpt_dir(rows, n)
+            params = self.backend.finetune(start, index, steps, ckpt_dir, desc=f"iter {n} train", on_step=on_step,
+                                           **extra)
             if not o.skip_eval:
                 row["dev_accuracy"] = self.evaluate(n, params)["accuracy"]
             row.update(complete=True, seconds=time.time() - t0)
@@ -322,12 +330,18 @@ class StarRun:
             prev_params = params
         return [rows[k] for k in sorted(rows)]
 
-    def _latest_model(self, rows: dict, n: int, base):
-        """M(n-1): the params of the last iteration before n that trained (an iteration may be skipped)."""
+    def _latest_ckpt_dir(self, rows: dict, n: int) -> Optional[str]:
+        """The checkpoint folder of M(n-1), the last iteration before n that trained (one may be skipped); None when
+        none has (M(n-1) is the base)."""
         for m in range(n - 1, 0, -1):
             if m in rows and rows[m].get("complete") and not rows[m].get("skipped"):
-                return self.backend.load_params(os.path.join(iter_dir(self.opts, m), "ckpt"))
-        return base
+                return os.path.join(iter_dir(self.opts, m), "ckpt")
+        return None
+
+    def _latest_model(self, rows: dict, n: int, base):
+        """M(n-1): the params of the last iteration before n that trained, or the base."""
+        ckpt_dir = self._latest_ckpt_dir(rows, n)
+        return base if ckpt_dir is None else self.backend.load_params(ckpt_dir)
 
     def _save(self, rows: dict) -> None:
         ordered = [rows[k] for k in sorted(rows)]

@@ -12,7 +12,7 @@ class FakeBackend:
     """Answers every question with the reference scratchpad; a fine-tune returns a new token naming its start."""
 
     def __init__(self, task):
-        self.task, self.starts, self.packed = task, [], []
+        self.task, self.starts, self.packed, self.init_ckpts = task, [], [], []
 
     def base_params(self):
         return "base"
@@ -34,9 +34,12 @@ class FakeBackend:
             self.packed.append([json.loads(line) for line in f])
         return out_dir + "/train.index"
 
-    def finetune(self, start, index_path, steps, ckpt_dir, desc="train", on_step=None):
+    def finetune(self, start, index_path, steps, ckpt_dir, desc="train", on_step=None, **extra):
         import os
         self.starts.append(start)
+        if "init_ckpt" in extra:
+            self.init_ckpts.append(extra["init_ckpt"] and os.path.relpath(extra["init_ckpt"], os.path.dirname(
+                os.path.dirname(ckpt_dir))))
         os.makedirs(ckpt_dir, exist_ok=True)
         made = f"{start}+{len(self.starts)}"
         with open(f"{ckpt_dir}/params.txt", "w") as f:
@@ -70,6 +73,13 @@ def test_finetune_from_previous_resumes_from_the_saved_model(tmp_path):
     assert backend.starts == ["base+1+2"]  # iteration 2's saved model, not the base
 
 
+def test_carry_optimizer_passes_the_previous_checkpoint(tmp_path):
+    backend = _run(tmp_path, finetune_from="previous", carry_optimizer=True)
+    assert backend.init_ckpts == [None, "iter_01/ckpt", "iter_02/ckpt"]  # iteration 1 starts a fresh optimizer
+    assert backend.starts == ["base", "base+1", "base+1+2"]
+    assert _run(tmp_path / "plain", finetune_from="previous").init_ckpts == []  # off: the backend sees no init_ckpt
+
+
 def test_replay_adds_examples_from_the_file_without_steps(tmp_path):
     replay = tmp_path / "table.jsonl"
     facts = [{"context": f"{x} + {y} , ", "completion": " ".join(str(x + y)) + "\n"}
@@ -92,6 +102,7 @@ def test_replay_adds_examples_from_the_file_without_steps(tmp_path):
     (dict(replay_n=3), "needs a replay_file"),
     (dict(replay_file="/nonexistent/table.jsonl", replay_n=3), "/nonexistent/table.jsonl does not exist"),
     (dict(finetune_from="last"), "must be 'base' or 'previous'"),
+    (dict(carry_optimizer=True), "needs finetune_from='previous'"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, options, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
