@@ -87,7 +87,7 @@ class StarOptions:
     finetune_from: str = "base"  # "base" (the original: every iteration restarts from the base) or "previous"
     replay_file: Optional[str] = None  # JSONL of {context, completion} mixed into every fine-tune (see replay_n)
     replay_n: int = 0  # examples drawn (with replacement) from replay_file per iteration
-    carry_optimizer: bool = False  # with finetune_from="previous": also continue M(n-1)'s Adam moments (schedule restarts)
+    carry_optimizer: bool = False  # finetune_from="previous" only: continue M(n-1)'s Adam moments too
 
 
 def n_steps(opts: StarOptions, iteration: int, n_examples: int) -> int:
