@@ -1,6 +1,7 @@
 """Training throughput (tokens/s, MFU, peak memory) of our Trainer, or of HF GPTJForCausalLM as the baseline.
 
-CPU default (a tiny GPT-J, fp32; about a minute on 2 cores):
+CPU default (the demo's shape, configs/star_arithmetic_tiny.json: 4 layers, d_model 128, seq 256, batch 16, fp32;
+pinned to one core; ~20 s each):
     python benchmarks/train.py
     python benchmarks/train.py --hf
 GPU, the 1.4B GPT-J shape of ../shared/anchors/gpu.md (24 layers, d_model 2048, 8 heads, seq 2048, batch 8,
@@ -46,17 +47,23 @@ def parse_args(argv=None):
     p.add_argument("--remat", choices=("none", "full", "dots"), help="ours: remat policy (CPU none; --gpu dots); "
                                                                      "HF: any value but none turns on "
                                                                      "gradient checkpointing")
-    p.add_argument("--no-scan", action="store_true", help="ours: unroll the layers instead of lax.scan")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours: run the layers under lax.scan (CPU default off: at the demo's shape a scanned step is "
+                        "10-25%% slower on CPU; --gpu default on: a 24-layer model compiles much faster)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU only: pin the process to this many cores, torch and XLA alike (default 1; 0 = no pin)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     args = p.parse_args(argv)
-    cpu = dict(layers=4, d_model=256, heads=4, vocab=1024, rotary=32, seq=256, batch=8, dtype="float32",
-               attention="xla", remat="none")
+    cpu = dict(layers=4, d_model=128, heads=4, vocab=264, rotary=16, seq=256, batch=16, dtype="float32",
+               attention="xla", remat="none", scan=False)
     gpu = dict(layers=24, d_model=2048, heads=8, vocab=50400, rotary=64, seq=2048, batch=8, dtype="bfloat16",
-               attention="cudnn", remat="dots")
+               attention="cudnn", remat="dots", scan=True)
     for key, value in (gpu if args.gpu else cpu).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.threads is None:
+        args.threads = 0 if args.gpu else 1
     return args
 
 
@@ -66,7 +73,7 @@ def config(args):
     return load_config(dict(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab,
                             seq=args.seq, pe_rotary_dims=args.rotary, per_replica_batch=args.batch,
                             compute_dtype=args.dtype, attention_impl=args.attention, remat=args.remat,
-                            scan_layers=not args.no_scan, warmup_steps=10, anneal_steps=1000, lr=1e-4,
+                            scan_layers=args.scan, warmup_steps=10, anneal_steps=1000, lr=1e-4,
                             end_lr=1e-5, weight_decay=0.1))
 
 
@@ -136,6 +143,12 @@ def time_hf(args, cfg):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.threads:  # before jax / torch start their thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        if args.threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1").strip()
     cfg = config(args)
     from mesh_transformer.train import device_peak_flops, flops_per_token
 
@@ -144,7 +157,7 @@ def main(argv=None):
     peak_flops = device_peak_flops() if not args.hf else (989e12 if "H100" in device or "H200" in device else None)
     mfu = f"{100 * flops_per_token(cfg, args.seq) * tps / peak_flops:.1f}%" if peak_flops else "-"
     mem = f"{peak / 2**30:.1f}" if peak else "-"
-    impl = "HF GPTJForCausalLM" if args.hf else "ours" + ("" if args.no_scan else " (scan)")
+    impl = "HF GPTJForCausalLM" if args.hf else "ours" + (" (scan)" if args.scan else "")
     attention = "eager" if args.hf else args.attention
     print(HEADER)
     print(f"| {impl} | {device} | {args.layers} x {args.d_model}, {args.seq}, {args.batch} | {attention} | "
