@@ -62,9 +62,10 @@ def parse_args(argv=None):
       help="arithmetic (default: the CPU demo), commonsenseqa (cqa) or gsm8k (gsm)")
     a("--config", default=None, help="model/training JSON config (mtj keys); default per task, e.g. "
                                      "configs/star_arithmetic_tiny.json for arithmetic, configs/qa_base.json otherwise")
-    a("--data-dir", default=None, help="folder in the STaR repo layout (commonsenseqa/..., gsm/...) for the real "
-                                       "tasks, e.g. ../shared/data/star; not needed for arithmetic")
-    a("--out-dir", default=None, help="experiment folder (default runs/star_<task>)")
+    a("--data-dir", "--data_dir", dest="data_dir", default=None,
+      help="folder in the STaR repo layout (commonsenseqa/..., gsm/...) for the real tasks, e.g. ../shared/data/star; "
+           "not needed for arithmetic")
+    a("--out-dir", "--out_dir", dest="out_dir", default=None, help="experiment folder (default runs/star_<task>)")
     a("--tokenizer", default=None, help="override the config's tokenizer: 'byte', 'gpt2' or a folder with vocab.json "
                                         "and merges.txt")
     a("--base_model_location", default=None,

@@ -137,3 +137,12 @@ def test_demo_defaults_replay_the_bases_own_pretraining_data(tmp_path):
         str(tmp_path / "pretrain_pairs.jsonl")
     cqa = iteration_train.parse_args(["--task", "cqa"])
     assert cqa.finetune_from == "base" and cqa.replay_n == 0 and cqa.replay_file is None  # the original's
+
+
+def test_folder_flags_take_hyphens_or_underscores():
+    """The original's flags use underscores, mtj's hyphens; the folder flags accept both spellings."""
+    import iteration_train
+    for flag in ("--out-dir", "--out_dir"):
+        assert iteration_train.parse_args([flag, "/tmp/run"]).out_dir == "/tmp/run"
+    for flag in ("--data-dir", "--data_dir"):
+        assert iteration_train.parse_args([flag, "/tmp/data"]).data_dir == "/tmp/data"
