@@ -23,16 +23,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import add_shape_flags, apply_defaults, pin_cpu_threads  # noqa: E402  (benchmarks/, the script's folder)
+
+
+CPU_DEFAULTS = dict(layers=4, d_model=256, heads=4, vocab=1024, rotary=32, batch="8,64", prefix_len=64,
+                    prompt_len=16, new=32, dtype="float32", hf_weights="disk")
+GPU_DEFAULTS = dict(layers=28, d_model=4096, heads=16, vocab=50400, rotary=64, batch="1,8,64", prefix_len=0,
+                    prompt_len=600, new=96, dtype="bfloat16", hf_weights="memory")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true",
                    help="GPT-J-6B shapes, bf16, batch 1,8,64, prompt 600, 96 new (flags given explicitly still win)")
-    p.add_argument("--layers", type=int, help="model layers (CPU default 4; --gpu 28)")
-    p.add_argument("--d-model", type=int, help="model width (CPU default 256; --gpu 4096)")
-    p.add_argument("--heads", type=int, help="attention heads (CPU default 4; --gpu 16)")
-    p.add_argument("--vocab", type=int, help="vocabulary size (CPU default 1024; --gpu 50400)")
-    p.add_argument("--rotary", type=int, help="rotary dims per head (CPU default 32; --gpu 64)")
+    add_shape_flags(p, CPU_DEFAULTS, GPU_DEFAULTS)
     p.add_argument("--batch", type=str, help="comma-separated batch sizes (CPU default 8,64; --gpu 1,8,64)")
     p.add_argument("--prefix-len", type=int, help="shared prompt tokens per row (CPU default 64; --gpu 0)")
     p.add_argument("--prompt-len", type=int, help="own prompt tokens per row (CPU default 16; --gpu 600)")
@@ -48,14 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-weights", choices=("disk", "memory"),
                    help="how HF gets our weights: save_hf_gptj + from_pretrained (CPU default), or copied in memory "
                         "through DLPack (--gpu default; no 12 GB file)")
-    args = p.parse_args(argv)
-    cpu = dict(layers=4, d_model=256, heads=4, vocab=1024, rotary=32, batch="8,64", prefix_len=64, prompt_len=16,
-               new=32, dtype="float32", hf_weights="disk")
-    gpu = dict(layers=28, d_model=4096, heads=16, vocab=50400, rotary=64, batch="1,8,64", prefix_len=0,
-               prompt_len=600, new=96, dtype="bfloat16", hf_weights="memory")
-    for key, value in (gpu if args.gpu else cpu).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = apply_defaults(p.parse_args(argv), CPU_DEFAULTS, GPU_DEFAULTS)
     args.batch = [int(b) for b in args.batch.split(",")]
     return args
 
@@ -121,9 +118,7 @@ def main(argv=None):
     # JAX would otherwise take 75% of GPU memory up front and leave HF too little
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.threads:  # before jax / torch start their thread pools
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-        if args.threads == 1:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        pin_cpu_threads(args.threads)
     import jax
     import numpy as np
 

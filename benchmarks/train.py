@@ -25,8 +25,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import add_shape_flags, apply_defaults, pin_cpu_threads  # noqa: E402  (benchmarks/, the script's folder)
+
 HEADER = ("| impl | device | layers x d_model, seq, batch | attention | remat | tokens/s | step s | MFU | "
           "peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+
+
+CPU_DEFAULTS = dict(layers=4, d_model=128, heads=4, vocab=264, rotary=16, seq=256, batch=16, dtype="float32",
+                    attention="xla", remat="none", scan=False)
+GPU_DEFAULTS = dict(layers=24, d_model=2048, heads=8, vocab=50400, rotary=64, seq=2048, batch=8, dtype="bfloat16",
+                    attention="cudnn", remat="dots", scan=True)
 
 
 def parse_args(argv=None):
@@ -34,11 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="the 1.4B shape, seq 2048, batch 8, bf16 compute, cuDNN "
                                                       "attention, remat dots (flags given explicitly still win)")
     p.add_argument("--hf", action="store_true", help="time HF GPTJForCausalLM instead of ours")
-    p.add_argument("--layers", type=int, help="CPU default 4; --gpu 24")
-    p.add_argument("--d-model", type=int, help="CPU default 128; --gpu 2048")
-    p.add_argument("--heads", type=int, help="CPU default 4; --gpu 8")
-    p.add_argument("--vocab", type=int, help="CPU default 264; --gpu 50400")
-    p.add_argument("--rotary", type=int, help="rotary dims per head (CPU default 16; --gpu 64)")
+    add_shape_flags(p, CPU_DEFAULTS, GPU_DEFAULTS)
     p.add_argument("--seq", type=int, help="tokens per sequence (CPU default 256; --gpu 2048)")
     p.add_argument("--batch", type=int, help="sequences per step (CPU default 16; --gpu 8)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -54,14 +58,7 @@ def parse_args(argv=None):
                    help="CPU only: pin the process to this many cores, torch and XLA alike (default 1; 0 = no pin)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-    args = p.parse_args(argv)
-    cpu = dict(layers=4, d_model=128, heads=4, vocab=264, rotary=16, seq=256, batch=16, dtype="float32",
-               attention="xla", remat="none", scan=False)
-    gpu = dict(layers=24, d_model=2048, heads=8, vocab=50400, rotary=64, seq=2048, batch=8, dtype="bfloat16",
-               attention="cudnn", remat="dots", scan=True)
-    for key, value in (gpu if args.gpu else cpu).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = apply_defaults(p.parse_args(argv), CPU_DEFAULTS, GPU_DEFAULTS)
     if args.threads is None:
         args.threads = 0 if args.gpu else 1
     return args
@@ -144,11 +141,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.threads:  # before jax / torch start their thread pools
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        if args.threads == 1:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                       "intra_op_parallelism_threads=1").strip()
+        pin_cpu_threads(args.threads)
     cfg = config(args)
     from mesh_transformer.train import device_peak_flops, flops_per_token
 
