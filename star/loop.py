@@ -166,8 +166,8 @@ def _read_json(path: str) -> Optional[dict]:
 
 class StarRun:
     """Runs the loop. `backend` supplies the model: `base_params()`, `load_params(ckpt_dir)`,
-    `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir, desc=, on_step=)` and
-    `pack(pairs_path, out_dir)`."""
+    `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir, desc=, on_step=)` (with `init_ckpt=` too
+    when carry_optimizer is on) and `pack(pairs_path, out_dir)`."""
 
     def __init__(self, opts: StarOptions, task, backend, title: Optional[str] = None):
         self.opts, self.task, self.backend = opts, task, backend
