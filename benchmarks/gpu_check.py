@@ -146,12 +146,13 @@ def main() -> int:
             torch_device = "cuda"
     except ImportError:
         pass
-    for check in (lambda: check_hf_logits(torch_device), check_cached_decoding, check_cudnn_attention,
-                  check_training_step):
+    checks = {"check_hf_logits": lambda: check_hf_logits(torch_device), "check_cached_decoding": check_cached_decoding,
+              "check_cudnn_attention": check_cudnn_attention, "check_training_step": check_training_step}
+    for name, check in checks.items():
         try:
             check()
         except Exception as e:  # one broken check must not hide the others' results
-            report(getattr(check, "__name__", "check"), False, f"raised {type(e).__name__}: {e}")
+            report(name, False, f"raised {type(e).__name__}: {e}")
     assert "tensorflow" not in sys.modules and "ray" not in sys.modules
     print(f"# {len(FAILS)} failed" if FAILS else "# all passed", flush=True)
     return 1 if FAILS else 0
