@@ -348,5 +348,6 @@ class StarRun:
         report.save_results(self.results_path, ordered)
         o = self.opts
         notes = {"task": o.task, "rationalize": o.rationalize, "train questions per iteration": o.n_train_samples,
+                 **({"train question classes": ", ".join(o.train_classes)} if o.train_classes else {}),
                  "dev questions": len(self.dev_examples)}
         report.write_report(o.out_dir, ordered, self.title, notes)

@@ -139,6 +139,19 @@ def test_demo_defaults_replay_the_bases_own_pretraining_data(tmp_path):
     assert cqa.finetune_from == "base" and cqa.replay_n == 0 and cqa.replay_file is None  # the original's
 
 
+def test_demo_trains_on_two_digit_sums_and_up():
+    """The demo asks no 1-digit training questions (the base knows all 81 sums); --train_digits overrides, and a digit
+    count outside --min_digits..--max_digits is refused by name."""
+    import iteration_train
+    assert iteration_train.parse_args([]).train_digits == "2,3"
+    assert iteration_train.parse_args(["--max_digits", "5"]).train_digits == "2,3,4,5"
+    assert iteration_train.parse_args(["--train_digits", "all"]).train_digits is None
+    assert iteration_train.parse_args(["--min_digits", "2"]).train_digits is None  # no 1-digit sums to leave out
+    assert iteration_train.parse_args(["--train_digits", "1,2"]).train_digits == "1,2"
+    with pytest.raises(SystemExit):
+        iteration_train.parse_args(["--train_digits", "4"])
+
+
 def test_folder_flags_take_hyphens_or_underscores():
     """The original's flags use underscores, mtj's hyphens; the folder flags accept both spellings."""
     import iteration_train
