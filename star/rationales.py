@@ -191,7 +191,8 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """Counts for the results table: accuracy (first try), kept, rationalized, right answer via wrong steps."""
+    """Counts for the results table: accuracy (first try; overall and per answer class), kept, rationalized, right
+    answer via wrong steps."""
     questions = [r for r in records if not r.get("extra_sample")]
     n = len(questions)
     first_correct = sum(r["first_correct"] for r in questions)
@@ -200,6 +201,7 @@ def summarize(records: Sequence[dict]) -> dict:
     return {
         "n": n,
         "accuracy": first_correct / n if n else 0.0,
+        "accuracy_by_class": {k: v for k, v in accuracy_by_class(records).items() if k != "all"},
         "kept": len(kept),
         "rationalized": sum(1 for r in kept if r["rationalized"]),
         "correct_wrong_steps": sum(1 for r in checked if r["steps_ok"] is False),

@@ -34,11 +34,14 @@ def class_order(classes) -> List[str]:
 
 
 def results_table(rows: List[dict]) -> str:
-    """Markdown table: iteration, steps, train accuracy, kept, rationalized share, wrong-step rationales, dev
-    accuracy per class, time."""
+    """Markdown table: iteration, steps, train accuracy (overall, then per class when there are several), kept,
+    rationalized share, wrong-step rationales, dev accuracy per class, time."""
     classes = class_order(c for r in rows for c in (r.get("dev_accuracy") or {}))
-    headers = ["iter", "steps", "train acc %", "kept", "rationalized %", "right answer, wrong steps"] + \
-              [f"dev {c} %" for c in classes] + ["minutes"]
+    train_classes = class_order(c for r in rows for c in ((r.get("train") or {}).get("accuracy_by_class") or {}))
+    if len(train_classes) < 2:
+        train_classes = []  # one class: the same number as train acc
+    headers = ["iter", "steps", "train acc %"] + [f"train {c} %" for c in train_classes] + \
+              ["kept", "rationalized %", "right answer, wrong steps"] + [f"dev {c} %" for c in classes] + ["minutes"]
     table = []
     for r in rows:
         train = r.get("train") or {}
@@ -48,8 +51,10 @@ def results_table(rows: List[dict]) -> str:
         if train.get("correct_checked"):
             wrong_steps = f"{train['correct_wrong_steps']}/{train['correct_checked']}"
         dev = r.get("dev_accuracy") or {}
-        table.append([r["iteration"], r.get("steps", ""), pct(train.get("accuracy")) if train else "",
-                      kept if kept is not None else "", pct(rat_share), wrong_steps] +
+        by_class = train.get("accuracy_by_class") or {}
+        table.append([r["iteration"], r.get("steps", ""), pct(train.get("accuracy")) if train else ""] +
+                     [pct(by_class.get(c)) for c in train_classes] +
+                     [kept if kept is not None else "", pct(rat_share), wrong_steps] +
                      [pct(dev.get(c)) for c in classes] + [f"{r.get('seconds', 0) / 60:.1f}"])
     return tabulate(table, headers=headers, tablefmt="github")
 
@@ -60,7 +65,8 @@ def write_report(out_dir: str, rows: List[dict], title: str, notes: Dict[str, st
     for key, value in (notes or {}).items():
         lines.append(f"- {key}: {value}")
     lines += ["", "Iteration 0 is the base model (no fine-tuning). `train acc` is the first-try accuracy of the "
-              "previous model on this iteration's training questions; `kept` counts the rationales trained on; "
+              "previous model on this iteration's training questions (drawn anew each iteration, so "
+              "mostly questions it has not trained on; `train 2 %` etc. per class); `kept` counts the rationales trained on; "
               "`right answer, wrong steps` counts correct answers whose checkable steps are wrong, among those "
               "checked.", "", results_table(rows), ""]
     if any(r.get("dev_accuracy") for r in rows):

@@ -75,7 +75,8 @@ N_ITERS = 2
 # 8 dev questions; rationalization on (the arithmetic default), hinted examples saved without the hint
 ARITH_ARGS = ["--task", "arithmetic", "--max_digits", "2", "--n_dev_per_digit", "4", "--n_train_samples", "8",
               "--n_iters", str(N_ITERS), "--gen_length", "40", "--eval_batch_size", "4", "--steady_grow",
-              "--start_steps", "4", "--add_steps", "2", "--p_show_hint_save", "0", "--no-progress"]
+              "--start_steps", "4", "--add_steps", "2", "--p_show_hint_save", "0", "--train_digits", "all",
+              "--no-progress"]
 
 # Answers half of the training questions (a + b even) and a third of the hinted retries with the reference
 # scratchpad; every other answer, and every dev answer, is the real model's.
@@ -186,6 +187,8 @@ def test_arithmetic_run_fills_the_experiment_folder(arith_ref):
     out = arith_ref
     rows = _check_report(out, N_ITERS)
     assert rows[0]["steps"] == 0 and set(rows[0]["dev_accuracy"]) == {"1", "2", "all"}
+    header = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| "))
+    assert "train 1 %" in header and "train 2 %" in header and "dev 2 %" in header  # first try per digit count
     assert (out / "iter_00" / "eval.json").is_file() and len(_lines(out / "iter_00" / "eval.jsonl")) == 8
     for n in range(1, N_ITERS + 1):
         d = out / f"iter_{n:02d}"
@@ -197,6 +200,8 @@ def test_arithmetic_run_fills_the_experiment_folder(arith_ref):
         assert len(first) == 8 and len(hinted) == sum(not r["correct"] for r in first)  # p_rationalization 1
         gen = json.loads((d / "generation.json").read_text())
         assert gen == row["train"] and gen["n"] == 8
+        by_class = {c: [r["correct"] for r in first if r["class"] == c] for c in ("1", "2")}
+        assert gen["accuracy_by_class"] == {c: sum(v) / len(v) for c, v in by_class.items() if v}
         kept_first = sum(r["correct"] for r in first)
         kept_hinted = sum(r["correct"] for r in hinted)
         assert kept_first >= 1 and gen["kept"] == kept_first + kept_hinted and gen["rationalized"] == kept_hinted
