@@ -112,6 +112,9 @@ def parse_args(argv=None):
     a("--replay_n", type=int, default=None,
       help="examples drawn from --replay_file per iteration, with replacement (default 0; the demo 300, or 0 when its "
            "base has no pretrain_pairs.jsonl); they are trained on but add no steps and are not counted as kept")
+    a("--anneal_each_finetune", action=argparse.BooleanOptionalAction, default=None,
+      help="each fine-tune's learning rate decays (cosine) to the config's end_lr over its own steps, instead of "
+           "following the config's anneal_steps (the original: anneal_steps 300000, so the rate stays near its peak)")
     a("--copy_n", type=int, default=0, help="also train on the last N examples of the previous iteration")
     a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
       help="cap on steps per iteration (the paper capped GSM8K at 7912)")
@@ -196,7 +199,8 @@ def main(argv=None):
     task = get_task(args.task, data_dir=args.data_dir, **task_options)
     backend = JaxBackend(cfg, args.base_model_location,
                          GenerationSettings(temperature=args.temperature, batch_size=args.eval_batch_size,
-                                            seed=args.seed), progress=args.progress)
+                                            seed=args.seed), progress=args.progress,
+                         anneal_per_finetune=bool(args.anneal_each_finetune))
     rows = StarRun(opts, task, backend).run()
     report = os.path.join(opts.out_dir, "results.md")
     if args.dry_run or not os.path.exists(report):

@@ -92,8 +92,11 @@ class GenerationSettings:
 
 class JaxBackend:
     def __init__(self, cfg: Config, base_location: Optional[str], gen: GenerationSettings = GenerationSettings(),
-                 progress: bool = True):
+                 progress: bool = True, anneal_per_finetune: bool = False):
+        """anneal_per_finetune: each fine-tune's learning rate decays to the config's end_lr over that fine-tune's
+        own steps (anneal_steps = steps - warmup_steps), instead of following the config's anneal_steps."""
         self.cfg = cfg
+        self.anneal_per_finetune = anneal_per_finetune
         self.tokenizer = get_tokenizer(cfg.tokenizer)
         self.trainer = Trainer(cfg)
         self.base_location = base_location
@@ -154,7 +157,11 @@ class JaxBackend:
         on_step(step, metrics) is called after every step. init_ckpt: start from this checkpoint's params AND Adam
         state instead (the learning-rate schedule restarts, as mtj's --tune-model-path)."""
         cfg = self.cfg.replace(train_set=index_path, total_steps=steps, val_set={})
+        trainer = self.trainer
+        if self.anneal_per_finetune:  # the schedule is compiled into the step: a trainer per length
+            cfg = cfg.replace(anneal_steps=max(1, steps - cfg.warmup_steps))
+            trainer = Trainer(cfg, mesh=self.trainer.mesh)
         state = train(cfg, RunOptions(init_params=base_params, tune_model_path=init_ckpt, ckpt_path=ckpt_dir,
                                       total_steps=steps, progress=self.progress, desc=desc),
-                      trainer=self.trainer, on_step=on_step)
+                      trainer=trainer, on_step=on_step)
         return jax.tree.map(np.asarray, state.params)

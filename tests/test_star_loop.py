@@ -452,3 +452,31 @@ def test_k_samples_keep_distinct_correct_rationales(tmp_path):
     before = calls["n"]
     again = run_pass(task, examples, fake_generate, opts, str(tmp_path / "r.jsonl"))
     assert calls["n"] == before and again == records
+
+
+def test_anneal_per_finetune_decays_the_rate_within_each_fine_tune(work, tmp_path):
+    """--anneal_each_finetune: the learning rate falls to near end_lr by a fine-tune's last step, whatever the
+    config's anneal_steps; without it the config's schedule (anneal 1000 steps here) keeps the rate near its peak."""
+    import jax
+
+    from mesh_transformer.config import load_config
+    from mesh_transformer.sharding import make_mesh
+    from mesh_transformer.train import Trainer
+    from star.backend import JaxBackend
+
+    cfg = load_config(write_config(tmp_path / "c.json", **{**TRAIN_KEYS, "seq": 64, "anneal_steps": 1000}))
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text("".join(json.dumps({"context": f"Input:\n{a} + 1\nTarget:\n", "completion": f"{a + 1}\n"}) + "\n"
+                             for a in range(40)))
+    last_lr = {}
+    for anneal in (False, True):
+        backend = JaxBackend(cfg, work["base"], progress=False, anneal_per_finetune=anneal)
+        backend.trainer = Trainer(cfg, mesh=make_mesh(1, jax.devices()[:1]))  # one device: quicker
+        index = backend.pack(str(pairs), str(tmp_path / f"records_{anneal}"))
+        lrs = []
+        backend.finetune(backend.base_params(), index, 8, str(tmp_path / f"ckpt_{anneal}"),
+                         on_step=lambda step, record: lrs.append(float(record["lr"])))
+        assert len(lrs) == 8 and max(lrs) <= cfg.lr * (1 + 1e-6)
+        last_lr[anneal] = lrs[-1]
+    assert last_lr[False] > 0.9 * cfg.lr  # 8 of 1000 anneal steps: still at the peak
+    assert last_lr[True] < 0.3 * cfg.lr  # annealed over the fine-tune's own 8 steps
