@@ -36,19 +36,22 @@ TASK_DEFAULTS = {
                        # the tiny model keeps what it learned: each fine-tune continues the previous iteration's model
                        # and replays 300 examples of the base's pretraining data (BASE/pretrain_pairs.jsonl, when the
                        # base has one), so it does not forget what it knew
-                       finetune_from="previous", replay_n=300),
+                       finetune_from="previous", replay_n=300,
+                       # each fine-tune's learning rate decays to end_lr over its own steps: the tiny model ends
+                       # each iteration on small steps instead of at the peak rate (docs/RESULTS.md, loop settings)
+                       anneal_each_finetune=True),
     "commonsenseqa": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                           base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_commonsenseqa",
                           rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96,
                           gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
                           base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
-                          finetune_from="base", replay_n=0),
+                          finetune_from="base", replay_n=0, anneal_each_finetune=False),
     "gsm8k": dict(config=os.path.join(REPO, "configs", "qa_base.json"),
                   base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_gsm8k",
                   rationalize=False, n_iters=64, n_train_samples=10000, gen_length=256,
                   gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
                   base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
-                  finetune_from="base", replay_n=0),
+                  finetune_from="base", replay_n=0, anneal_each_finetune=False),
 }
 TASK_ALIASES = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
 
@@ -114,7 +117,8 @@ def parse_args(argv=None):
            "base has no pretrain_pairs.jsonl); they are trained on but add no steps and are not counted as kept")
     a("--anneal_each_finetune", action=argparse.BooleanOptionalAction, default=None,
       help="each fine-tune's learning rate decays (cosine) to the config's end_lr over its own steps, instead of "
-           "following the config's anneal_steps (the original: anneal_steps 300000, so the rate stays near its peak)")
+           "following the config's anneal_steps (the original: anneal_steps 300000, so the rate stays near its peak). "
+           "Default: on for the arithmetic demo, off otherwise")
     a("--copy_n", type=int, default=0, help="also train on the last N examples of the previous iteration")
     a("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
       help="cap on steps per iteration (the paper capped GSM8K at 7912)")

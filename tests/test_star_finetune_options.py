@@ -137,6 +137,7 @@ def test_demo_defaults_replay_the_bases_own_pretraining_data(tmp_path):
         str(tmp_path / "pretrain_pairs.jsonl")
     cqa = iteration_train.parse_args(["--task", "cqa"])
     assert cqa.finetune_from == "base" and cqa.replay_n == 0 and cqa.replay_file is None  # the original's
+    assert demo.anneal_each_finetune is True and cqa.anneal_each_finetune is False
 
 
 def test_demo_trains_on_two_digit_sums_and_up():
