@@ -5,8 +5,10 @@ GPT-J and the byte tokenizer, on the CPU, no downloads, starting from the small 
 assets/arithmetic_base (made by `bash scripts/make_arithmetic_base.sh`). Each iteration: generate rationales with
 M(n-1), keep the correct ones, rationalize the wrong ones with the answer as a hint, pack the kept ones to TFRecords
 (loss on the completion only), fine-tune for steps(n), evaluate on held-out questions. As the original, every
-fine-tune starts from the BASE model; the demo instead continues the previous iteration's model and replays 300
-examples of the base's pretraining data (--finetune_from previous, --replay_n 300; docs/DEVIATIONS.md says why).
+fine-tune starts from the BASE model; the demo instead continues the previous iteration's model, replays 300
+examples of the base's pretraining data and anneals the learning rate within each fine-tune (--finetune_from
+previous, --replay_n 300, --anneal_each_finetune), and asks training questions of 2-3 digits only (--train_digits;
+docs/DEVIATIONS.md says why).
 
 The experiment folder (--out-dir) gets results.md, accuracy.png and per iteration the rationale JSONL, training text,
 TFRecords, checkpoint and metrics. Killed at any stage, the same command continues where it stopped.

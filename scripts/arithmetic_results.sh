@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the table of docs/RESULTS.md: the paper's arithmetic comparison in miniature, on the CPU, from the
 # demo's base model (assets/arithmetic_base). Every run uses iteration_train.py's arithmetic defaults (the demo's
-# settings: 1-3 digit sums, training questions of 2-3 digits, the same questions, the same step schedule) plus the flags of its row; extra flags given
-# to this script (e.g. --n_iters 8) apply to every run. Runs are resumable: rerun the script after an interruption.
+# settings: 1-3 digit sums, training questions of 2-3 digits, the same questions, the same step schedule) plus the
+# flags of its row; extra flags given to this script (e.g. --n_iters 8) apply to every run. Runs are resumable: rerun
+# the script after an interruption.
 #
 #   bash scripts/arithmetic_results.sh                 # ~50 min on 2 cores (two runs at a time, one core each)
 #   OUT=runs/results JOBS=1 bash scripts/arithmetic_results.sh --n_iters 6
@@ -12,7 +13,7 @@ OUT=${OUT:-runs/results}
 JOBS=${JOBS:-2}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-# The STaR runs' steps follow their kept counts (epoch mode: kept * epochs / 40, 60, 71, 82, 96, 108 here); the gold
+# The STaR runs' steps follow their kept counts (epoch mode: kept * epochs / 40, 60, 71, 83, 94, 106 here); the gold
 # baselines keep every sampled question, so they get that schedule fixed instead, to train for the same steps.
 GOLD_STEPS="--steady_grow --start_steps 60 --add_steps 12"
 
