@@ -159,11 +159,11 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.task == "arithmetic":
         digit_counts = [str(k) for k in range(args.min_digits, args.max_digits + 1)]
-        if args.train_digits == "all" or (args.train_digits is None and args.min_digits != 1):
+        if args.train_digits is None and args.min_digits == 1:  # 1..max -> 2..max (1 alone: all)
+            args.train_digits = ",".join(digit_counts[1:]) or "all"
+        if args.train_digits == "all":
             args.train_digits = None
-        elif args.train_digits is None:
-            args.train_digits = ",".join(digit_counts[1:]) or None  # 1..max -> 2..max (1 alone: 1)
-        else:
+        elif args.train_digits:
             unknown = [d.strip() for d in args.train_digits.split(",") if d.strip() not in digit_counts]
             if unknown:
                 p.error(f"--train_digits {args.train_digits!r}: {', '.join(unknown)} is not a digit count of this "

@@ -193,15 +193,13 @@ def _ends_with_newline(path: str) -> bool:
 def summarize(records: Sequence[dict]) -> dict:
     """Counts for the results table: accuracy (first try; overall and per answer class), kept, rationalized, right
     answer via wrong steps."""
-    questions = [r for r in records if not r.get("extra_sample")]
-    n = len(questions)
-    first_correct = sum(r["first_correct"] for r in questions)
+    by_class = accuracy_by_class(records)
     kept = [r for r in records if r["keep"]]
     checked = [r for r in records if r["correct"] and r.get("steps_ok") is not None]
     return {
-        "n": n,
-        "accuracy": first_correct / n if n else 0.0,
-        "accuracy_by_class": {k: v for k, v in accuracy_by_class(records).items() if k != "all"},
+        "n": sum(1 for r in records if not r.get("extra_sample")),
+        "accuracy": by_class.pop("all", 0.0),
+        "accuracy_by_class": by_class,
         "kept": len(kept),
         "rationalized": sum(1 for r in kept if r["rationalized"]),
         "correct_wrong_steps": sum(1 for r in checked if r["steps_ok"] is False),
