@@ -15,8 +15,10 @@ one shard) go to `--out`, with `pretrain_info.json` (the command, the arguments,
 digit count of the arithmetic task's dev questions as iteration_train.py evaluates them, and the `--init` stage's own
 info) and `pretrain_pairs.jsonl` (the training examples, which STaR fine-tunes can replay: `--replay_file`).
 
-The demo's base is two runs of this script, stage 1 with its defaults and stage 2 continuing it on more 2- and
-3-digit problems: `bash scripts/make_arithmetic_base.sh` (~35 min on one CPU core) runs both.
+The demo's base is three runs of this script: stage 1 with its defaults, stage 2 continuing it on more 2- and 3-digit
+problems, and stage 3 continuing that on mostly 3-digit problems, stopped partway down its schedule (`--anneal-steps`)
+where 3-digit sums have just begun to come out right. `bash scripts/make_arithmetic_base.sh` (~55 min on one CPU
+core) runs all three.
 
   python scripts/pretrain_arithmetic_base.py --out /tmp/stage1          # stage 1 (~25 min on one CPU core)
 """
@@ -51,7 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--p-hint", type=float, default=0.3, help="share of training questions shown with the hint")
     p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (the config's seq tokens each)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10 over the run)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate (cosine to lr/10 over --anneal-steps, then constant)")
+    p.add_argument("--anneal-steps", type=int, default=None,
+                   help="steps of the cosine schedule, as the config key anneal_steps (default: --steps). Larger than "
+                        "--steps stops the run partway down its schedule: where the base has just begun a skill")
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     p.add_argument("--n-eval", type=int, default=100, help="held-out questions per digit count (1-3 digits)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the problems, the hints and the initialisation")
@@ -103,6 +109,7 @@ def main(argv=None):
     from mesh_transformer import checkpoint as ckpt
     from mesh_transformer.config import load_config
     from mesh_transformer.finetune import RunOptions, train
+    from mesh_transformer.train import gpt3_schedule
     from star.backend import GenerationSettings, JaxBackend, pack_examples
     from star.rationales import PassOptions, accuracy_by_class, run_pass
     from star.tasks import get_task
@@ -119,14 +126,14 @@ def main(argv=None):
         with open(os.path.join(args.init, "pretrain_info.json")) as f:
             init_info = json.load(f)
     t0 = time.time()
-    train_seconds = None
+    train_seconds = last_lr = None
     with tempfile.TemporaryDirectory() as work:
         if args.eval_only:
             backend = JaxBackend(cfg, None, GenerationSettings(batch_size=150))
             params, _, _, _ = ckpt.load_checkpoint(args.out, cfg, with_opt=False)
         else:
-            # the LR anneals over the whole run (the demo config's own schedule is for the short STaR fine-tunes)
-            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.steps, ckpt_every=0, lr=args.lr,
+            # the LR anneals over the run, or --anneal-steps (the demo config's schedule is for the STaR fine-tunes)
+            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.anneal_steps or args.steps, ckpt_every=0, lr=args.lr,
                                   end_lr=args.lr / 10, warmup_steps=args.warmup, per_replica_batch=args.batch)
             backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=150))
             index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
@@ -139,6 +146,8 @@ def main(argv=None):
                                      init_params=init, desc="pretrain"), trainer=backend.trainer)
             params = jax.tree.map(np.asarray, state.params)
             train_seconds = round(time.time() - t0, 1)
+            last_lr = float(gpt3_schedule(run_cfg.warmup_steps, run_cfg.anneal_steps, run_cfg.lr,
+                                          run_cfg.end_lr)(args.steps - 1))  # where the run left its schedule
             if os.path.exists(args.out):
                 shutil.rmtree(args.out)
             ckpt.save_checkpoint(args.out, params, args.steps, cfg, shards=1)  # saved before the evaluation
@@ -151,7 +160,8 @@ def main(argv=None):
     accuracy = accuracy_by_class(records)
     info = {"command": "python scripts/pretrain_arithmetic_base.py " + " ".join(argv or sys.argv[1:]),
             "args": {k: v for k, v in vars(args).items() if k not in ("digit_list", "counts")},
-            "train_examples": len(pairs), "train_seconds": train_seconds, "held_out_accuracy": accuracy}
+            "train_examples": len(pairs), "train_seconds": train_seconds, "last_lr": last_lr,
+            "held_out_accuracy": accuracy}
     if init_info is not None:  # the stage this one continued, so the file tells the whole recipe
         info["init_info"] = init_info
     info_path = os.path.join(args.out, "pretrain_info.json")

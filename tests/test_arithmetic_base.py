@@ -79,9 +79,24 @@ def test_pretrain_script_writes_a_loadable_base(tmp_path):
     assert (params2["embedding"]["w"] == params["embedding"]["w"]).all()  # lr 0: the first stage's params, unchanged
 
 
+def test_anneal_steps_stops_the_run_partway_down_its_schedule(tmp_path):
+    """--anneal-steps longer than --steps (stage 3 of the demo's base): the run ends near its peak learning rate (the
+    cosine starts after the warm-up step); without it the same 4 steps end halfway down to lr / 10."""
+    common = ["--steps", "4", "--n-per-digit", "20", "--n-facts", "10", "--n-eval", "1", "--batch", "2",
+              "--warmup", "1", "--lr", "1e-3"]
+    pretrain.main(["--out", str(tmp_path / "partway"), "--anneal-steps", "1000", *common])
+    pretrain.main(["--out", str(tmp_path / "whole"), *common])
+    partway = json.loads((tmp_path / "partway" / "pretrain_info.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "pretrain_info.json").read_text())
+    assert partway["args"]["anneal_steps"] == 1000 and whole["args"]["anneal_steps"] is None
+    assert partway["last_lr"] > 0.99e-3  # step 3 of 1 + 1000
+    assert whole["last_lr"] == pytest.approx(1e-3 - 9e-4 * 0.5, rel=1e-3)  # step 3 of 1 + 4: cos(pi / 2)
+
+
 def test_shipped_base_adds_one_digit_sums():
     """The shipped base is a trained model, not an initialisation: greedy scratchpads of 1-digit sums are mostly
-    right (pretrain_info.json records 97.5% on the 40 dev ones)."""
+    right (pretrain_info.json records 72.5% on the 40 dev ones, one XLA thread; other threading may move a question
+    or two, since the base stops in the middle of a fast change)."""
     from mesh_transformer import checkpoint as ckpt
     from mesh_transformer.config import load_config
     from star.backend import GenerationSettings, JaxBackend
@@ -99,7 +114,7 @@ def test_shipped_base_adds_one_digit_sums():
         records = run_pass(task, dev, backend.generate_fn(params),
                            PassOptions(gen_length=task.default_gen_length, chunk_size=40, progress=False),
                            f"{work}/eval.jsonl")
-    assert accuracy_by_class(records)["1"] >= 0.7
+    assert accuracy_by_class(records)["1"] >= 0.6
 
 
 def test_compare_runs_table(tmp_path, capsys):
