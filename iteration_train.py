@@ -137,10 +137,10 @@ def parse_args(argv=None):
     a("--n_dev_per_digit", type=int, default=100, help="arithmetic: held-out questions per digit count")
     a("--train_digits", default=None,
       help="arithmetic: comma-separated digit counts the training questions are drawn from, or 'all'. Default: 2 up "
-           "to --max_digits when --min_digits is 1 (the demo). The base already knows every 1-digit sum (only 81 "
-           "exist, 41 of them training questions): asking those 41 again, ~7 times each per iteration, taught nothing "
-           "and made the 40 held-out ones drift (docs/RESULTS.md). 1-digit sums stay in dev, as the check that "
-           "nothing is forgotten. e.g. 2 with --gold is the seed-only control")
+           "to --max_digits when --min_digits is 1 (the demo). Every 1-digit sum is in the base's pretraining data "
+           "(only 81 exist, 41 of them training questions): asking those 41 again, ~7 times each per iteration, "
+           "taught nothing and made the 40 held-out ones drift (docs/RESULTS.md, loop settings). 1-digit sums stay "
+           "in dev, as the check that nothing is forgotten")
     a("--gold", action="store_true",
       help="baseline: fine-tune on the gold completions of the sampled questions (gold scratchpads, or answers only "
            "with --direct) instead of on the model's rationales")
