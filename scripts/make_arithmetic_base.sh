@@ -13,7 +13,7 @@
 #
 #   bash scripts/make_arithmetic_base.sh                      # writes assets/arithmetic_base
 #   OUT=/tmp/base_rerun bash scripts/make_arithmetic_base.sh  # the reproducibility check
-#   STAGE2=/tmp/stage2 OUT=/tmp/b bash scripts/make_arithmetic_base.sh  # reuses a stage that holds a checkpoint (or STAGE1)
+#   STAGE2=/tmp/stage2 OUT=/tmp/b bash scripts/make_arithmetic_base.sh  # reuses a stage with a checkpoint (or STAGE1=)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-assets/arithmetic_base}

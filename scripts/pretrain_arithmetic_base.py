@@ -133,8 +133,9 @@ def main(argv=None):
             params, _, _, _ = ckpt.load_checkpoint(args.out, cfg, with_opt=False)
         else:
             # the LR anneals over the run, or --anneal-steps (the demo config's schedule is for the STaR fine-tunes)
-            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.anneal_steps or args.steps, ckpt_every=0, lr=args.lr,
-                                  end_lr=args.lr / 10, warmup_steps=args.warmup, per_replica_batch=args.batch)
+            run_cfg = cfg.replace(total_steps=args.steps, anneal_steps=args.anneal_steps or args.steps, ckpt_every=0,
+                                  lr=args.lr, end_lr=args.lr / 10, warmup_steps=args.warmup,
+                                  per_replica_batch=args.batch)
             backend = JaxBackend(run_cfg, None, GenerationSettings(batch_size=150))
             index = pack_examples(pairs, backend.tokenizer, cfg.seq, os.path.join(work, "records"), "pretrain",
                                   seed=args.seed)
