@@ -109,7 +109,6 @@ def main(argv=None):
     from mesh_transformer import checkpoint as ckpt
     from mesh_transformer.config import load_config
     from mesh_transformer.finetune import RunOptions, train
-    from mesh_transformer.train import gpt3_schedule
     from star.backend import GenerationSettings, JaxBackend, pack_examples
     from star.rationales import PassOptions, accuracy_by_class, run_pass
     from star.tasks import get_task
@@ -147,8 +146,7 @@ def main(argv=None):
                                      init_params=init, desc="pretrain"), trainer=backend.trainer)
             params = jax.tree.map(np.asarray, state.params)
             train_seconds = round(time.time() - t0, 1)
-            last_lr = float(gpt3_schedule(run_cfg.warmup_steps, run_cfg.anneal_steps, run_cfg.lr,
-                                          run_cfg.end_lr)(args.steps - 1))  # where the run left its schedule
+            last_lr = float(backend.trainer.schedule(args.steps - 1))  # where the run left its schedule
             if os.path.exists(args.out):
                 shutil.rmtree(args.out)
             ckpt.save_checkpoint(args.out, params, args.steps, cfg, shards=1)  # saved before the evaluation
