@@ -18,7 +18,6 @@ TFRecords, checkpoint and metrics. Killed at any stage, the same command continu
       --base_model_location gs://checkpoint-bucket/step_383500/ --rationalize --exponential_grow --max-steps 7912
 """
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ def _presets() -> dict:
 
 def parse_args(argv=None):
     from mesh_transformer.cli_util import ERRORS_EPILOG
-    from star.flags import add_flags, build
+    from star.flags import add_flags, build, flat
     from star.loop import StarOptions
 
     presets = _presets()
@@ -95,6 +94,7 @@ def parse_args(argv=None):
             opts.replay_file = pairs
         else:
             opts.replay_n = 0
+    vars(args).update(flat(opts))  # the namespace holds the resolved values too, as every flag's reader expects
     return args
 
 
@@ -136,13 +136,8 @@ def main(argv=None):
 
 
 def _jsonable(options: dict) -> dict:
-    """The parsed flags with the resolved options, as plain JSON."""
-    out = {k: v for k, v in options.items() if k != "options"}
-    resolved = dataclasses.asdict(options["options"])
-    generation = resolved.pop("generation")
-    out.update({k: v for k, v in {**resolved, **generation}.items() if k not in ("task_options",)})
-    out["verify_rationales"] = out.pop("verify")
-    return out
+    """The flags (resolved: given, else the task's preset, else the default) as plain JSON."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if k != "options"}
 
 
 if __name__ == "__main__":

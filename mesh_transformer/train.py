@@ -105,6 +105,7 @@ class Trainer:
         self.shardings = TrainState(self.param_shardings, sharding.named(self.mesh, opt_specs),
                                     NamedSharding(self.mesh, P()))
         self._init = jax.jit(self._init_fn, out_shardings=self.shardings)
+        self._init_params = jax.jit(lambda rng: self._init_fn(rng).params, out_shardings=self.param_shardings)
         self._opt_init = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,),
                                  out_shardings=self.shardings.opt_state)
         # a copy, never the caller's buffers: the train step donates its state
@@ -131,6 +132,10 @@ class Trainer:
     def init_state(self, rng: jax.Array) -> TrainState:
         """A fresh TrainState, created on the mesh in its shardings (one jitted init of params and moments)."""
         return self._init(rng)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        """Freshly initialised params alone, created on the mesh in their shardings."""
+        return self._init_params(rng)
 
     def put_params(self, params: Any) -> Any:
         """Params (host numpy or device arrays) on the mesh in the storage dtype, leaf by leaf: a host leaf goes

@@ -66,3 +66,12 @@ def build(cls, values: Mapping[str, Any], preset: Optional[Mapping[str, Any]] = 
         if value is not None:
             kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def flat(instance: Any) -> dict:
+    """Field name -> value of an options instance, nested option dataclasses flattened (as the flags are)."""
+    out = {}
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        out.update(flat(value) if _nested(f) else {f.name: value})
+    return out
