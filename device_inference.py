@@ -12,7 +12,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -37,13 +37,15 @@ def parse_args(argv=None):
     a("--out", default=None, help="JSONL of every answer (default: <split>_answers.jsonl beside target_save "
                                   "or in the current folder)")
     a("--seed", type=int, default=0, help="seed of the train sample and of the rationalization coin flips")
+    add_compile_cache_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     from mesh_transformer import checkpoint as ckpt
     from mesh_transformer.config import load_config
     from star.backend import GenerationSettings, JaxBackend

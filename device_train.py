@@ -13,7 +13,8 @@ import argparse
 import logging
 import sys
 
-from mesh_transformer.cli_util import ERRORS_EPILOG, run_main, setup_logging
+from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, run_main, setup_compile_cache,
+                                      setup_logging)
 
 
 def parse_args(argv=None):
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation (default: 0)")
     p.add_argument("--total-steps", type=int, default=None, help="override the config's total_steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs and metrics JSONL still written)")
+    add_compile_cache_flag(p)
     return p.parse_args(argv)
 
 
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     setup_logging()
     from mesh_transformer.config import load_config
     cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
+    setup_compile_cache(args.compile_cache)
 
     from mesh_transformer.finetune import RunOptions, train
     state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,

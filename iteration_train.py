@@ -34,7 +34,7 @@ def _presets() -> dict:
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     from star.flags import add_flags, build, flat
     from star.loop import StarOptions
 
@@ -62,6 +62,7 @@ def parse_args(argv=None):
            "taught nothing and made the 40 held-out ones drift (docs/RESULTS.md, loop settings). 1-digit sums stay "
            "in dev, as the check that nothing is forgotten")
     add_flags(p, StarOptions, presets)
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
     args.task = TASK_ALIASES.get(args.task or "arithmetic", args.task or "arithmetic")
     if args.task not in TASKS:
@@ -100,8 +101,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     from mesh_transformer.config import load_config
     from star.backend import GenerationSettings, JaxBackend
     from star.loop import StarRun
