@@ -18,7 +18,6 @@ TFRecords, checkpoint and metrics. Killed at any stage, the same command continu
       --base_model_location gs://checkpoint-bucket/step_383500/ --rationalize --exponential_grow --max-steps 7912
 """
 import argparse
-import json
 import logging
 import os
 import sys
@@ -148,6 +147,10 @@ def parse_args(argv=None):
     a("--dry_run", action="store_true", help="print the plan, run nothing")
     a("--skip_eval", action="store_true", help="do not evaluate on dev")
     a("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    a("--force-new", dest="force_new", action="store_true",
+      help="--out-dir holds a run with other settings (run_identity.json): delete its contents and start over")
+    a("--resume-anyway", dest="resume_anyway", action="store_true",
+      help="continue the --out-dir run with other settings (the difference is recorded in run_identity.json)")
     args = p.parse_args(argv)
     args.task = TASK_ALIASES.get(args.task, args.task)
     if args.task not in TASK_DEFAULTS:
@@ -168,6 +171,8 @@ def parse_args(argv=None):
             if unknown:
                 p.error(f"--train_digits {args.train_digits!r}: {', '.join(unknown)} is not a digit count of this "
                         f"task ({args.min_digits}..{args.max_digits}); give some of {','.join(digit_counts)} or 'all'")
+    from star.experiment_guard import check_flags
+    check_flags(args)  # ranges of the numeric flags, e.g. --p_rationalization in [0, 1]
     if args.replay_file is None and args.replay_n:  # default: the base's own pretraining data, if it ships them
         from star.loop import PRETRAIN_PAIRS
         pairs = os.path.join(args.base_model_location or "", PRETRAIN_PAIRS)
@@ -183,9 +188,7 @@ def main(argv=None):
     from mesh_transformer.cli_util import setup_logging
     setup_logging()
     from mesh_transformer.config import load_config
-    from star.backend import GenerationSettings, JaxBackend
-    from star.loop import StarOptions, StarRun
-    from star.tasks import get_task
+    from star.loop import StarOptions
 
     cfg = load_config(args.config)
     if args.tokenizer:
@@ -195,9 +198,16 @@ def main(argv=None):
     opts = StarOptions(**{k: v for k, v in vars(args).items() if k in fields})
     if args.train_digits:
         opts.train_classes = tuple(d.strip() for d in args.train_digits.split(","))
-    os.makedirs(opts.out_dir, exist_ok=True)
-    with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
-        json.dump({"argv": sys.argv[1:], "options": vars(args), "model_config": cfg.to_dict()}, f, indent=2)
+    from star.experiment_guard import open_experiment
+    with open_experiment(args, cfg):  # the folder's lock and run identity; writes run_config.json
+        return _run(args, cfg, opts)
+
+
+def _run(args, cfg, opts):
+    from star.backend import GenerationSettings, JaxBackend
+    from star.loop import StarRun
+    from star.tasks import get_task
+
     task_options = {}
     if args.task == "arithmetic":
         task_options = dict(min_digits=args.min_digits, max_digits=args.max_digits, n_exemplars=args.n_exemplars,

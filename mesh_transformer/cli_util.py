@@ -107,3 +107,47 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
         _close_progress_bars()
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 1
+
+
+def check_output_dir(folder: str, what: str) -> bool:
+    """Checks, before any work, that `folder` (local or gs://) can take the outputs, without creating it: an
+    existing folder gets a probe file written and removed; a missing one needs a writable nearest existing parent.
+    Returns whether the folder exists. Raises ValueError naming the folder and `what` (e.g. "--output-dir")."""
+    folder = str(folder) or "."
+    if folder.startswith("gs://"):
+        from mesh_transformer import checkpoint as ckpt
+        bucket, name = ckpt._split_gcs(folder)
+        blob = ckpt._gcs_client().bucket(bucket).blob(f"{name.rstrip('/')}/.write-probe-{os.getpid()}".lstrip("/"))
+        blob.upload_from_string(b"")
+        blob.delete()
+        return True
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{what} {folder} is a file, not a folder; pass a folder (it is created if missing)")
+    if os.path.isdir(folder):
+        try:
+            probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("probe")
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"{what} {folder} cannot be written to ({e.strerror or e}); choose a folder you can "
+                             f"write to") from None
+        return True
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {folder} cannot be created: {parent} is a file; pass another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder} cannot be created: {parent} is not writable; choose a folder you can "
+                         f"write to")
+    return False
+
+
+def remove_if_empty(folder: str) -> None:
+    """Removes a local folder this run created, when a failure left it empty."""
+    try:
+        if not str(folder).startswith("gs://") and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+    except OSError:
+        pass

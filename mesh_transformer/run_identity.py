@@ -151,7 +151,7 @@ def check_identity(folder: str, kind: str, fields: Dict[str, Any], *, what: str,
         write_identity(folder, now, name)
         return "forced"
     if recorded is None:
-        if has_outputs() and not adopt_unrecorded:
+        if has_outputs() and not adopt_unrecorded and not resume_anyway:
             raise IdentityError(f"{what} {folder} holds outputs of a run that recorded no identity, so they may come "
                                 f"from other settings; pass {FORCE_FLAGS}, or use another folder")
         if has_outputs():

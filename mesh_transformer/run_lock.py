@@ -37,7 +37,8 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
-_BREAK_STALE_AFTER_S = 60.0  # a `.break` file older than this was left by a process killed while breaking a lock
+_BREAK_STALE_AFTER_S = 60.0
+_EMPTY_STALE_AFTER_S = 10.0  # an empty lock file older than this: its creator died between creating and writing it  # a `.break` file older than this was left by a process killed while breaking a lock
 
 
 class LockError(ValueError):
@@ -74,7 +75,7 @@ def _holder_info(owner: str) -> dict:
 
 def describe(holder: dict) -> str:
     if not holder:
-        return "an unknown writer (the lock file is empty or unreadable)"
+        return "a writer that is just starting (the lock file is still empty)"
     return (f"{holder.get('owner') or 'a writer'} (pid {holder.get('pid')} on host {holder.get('host')}, started "
             f"{holder.get('started')})")
 
@@ -191,15 +192,15 @@ def _acquire_local(folder: str, path: str, owner: str, what: str) -> RunLock:
         if created:
             return RunLock(folder, path, holder)
         seen = _read_local(path)
-        if not seen:  # the creator has not written its JSON yet: give it a moment
-            time.sleep(0.05)
-            seen = _read_local(path)
-            if not seen:
-                try:
-                    if time.time() - os.path.getmtime(path) < 5.0:
-                        raise LockError(_held_message(path, seen, what))
-                except FileNotFoundError:
-                    continue
+        if not seen:  # its creator is between creating and writing it, or was killed right there
+            try:
+                young = time.time() - os.path.getmtime(path) < _EMPTY_STALE_AFTER_S
+            except FileNotFoundError:
+                young = True  # released meanwhile: it was held when we looked, so this writer still lost
+            if young:
+                raise LockError(_held_message(path, {}, what))
+            _break_local(path, seen)
+            continue
         if is_stale(seen):
             _break_local(path, seen)
             continue
@@ -228,8 +229,11 @@ def _acquire_gcs(folder: str, path: str, owner: str, what: str) -> RunLock:
     for _ in range(10):
         blob = _gcs_blob(path)
         try:
-            blob.upload_from_string(json.dumps(holder), content_type="application/json", if_generation_match=0)
-            return RunLock(folder, path, holder, generation=blob.generation)
+            # exists() first only gives a clear answer on servers that ignore preconditions (the test emulator);
+            # on GCS the precondition alone decides who of two racing writers wins
+            if not blob.exists():
+                blob.upload_from_string(json.dumps(holder), content_type="application/json", if_generation_match=0)
+                return RunLock(folder, path, holder, generation=blob.generation)
         except gexc.PreconditionFailed:
             pass
         existing = _gcs_blob(path)
