@@ -115,7 +115,7 @@ def _answer(args, out: str, out_dir: str) -> None:
                                 what="answers file", force_new=args.force_new, resume_anyway=args.resume_anyway,
                                 has_outputs=lambda: os.path.exists(out),
                                 clear=lambda: os.path.exists(out) and os.remove(out), adopt_unrecorded=False,
-                                name=os.path.basename(out) + ".identity.json")
+                                name=os.path.basename(out) + ".identity.json", where=out)
 
     examples = task.load(args.split)
     if args.split == "train":

@@ -52,7 +52,7 @@ def error_message(e: BaseException) -> str:
     import errno as errno_mod
     names = {c.__name__ for c in type(e).__mro__}
     if names & set(_CREDENTIALS):
-        msg = (f"no usable Google Cloud credentials for gs:// ({type(e).__name__}: {str(e).split('.')[0]}); run "
+        msg = (f"no usable Google Cloud credentials for gs:// ({type(e).__name__}: {_first_line(e)[:160]}); run "
                f"`gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account "
                f"key file")
     elif "UnpicklingError" in names:

@@ -183,7 +183,7 @@ def _check_types(cfg: "Config", fail) -> None:
             ok = isinstance(value, str)
         if not ok:
             extra = " (a finite number: NaN and Infinity are not allowed)" if kind == _FLOAT else ""
-            fail(f"'{key}' must be a {kind}{extra}, got {value!r} ({type(value).__name__}); write e.g. "
+            fail(f"'{key}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}{extra}, got {value!r} ({type(value).__name__}); write e.g. "
                  f"\"{key}\": {_example(key, kind)}")
         if minimum is not None and value < minimum:
             fail(f"'{key}' must be >= {minimum}, got {value!r}")

@@ -131,12 +131,13 @@ def write_identity(folder: str, data: dict, name: str = IDENTITY_FILE) -> None:
 def check_identity(folder: str, kind: str, fields: Dict[str, Any], *, what: str, force_new: bool = False,
                    resume_anyway: bool = False, has_outputs: Callable[[], bool] = lambda: False,
                    clear: Optional[Callable[[], None]] = None, adopt_unrecorded: bool = True,
-                   name: str = IDENTITY_FILE) -> str:
+                   name: str = IDENTITY_FILE, where: Optional[str] = None) -> str:
     """Records or checks the identity of `folder`; returns "new", "same", "forced" or "resumed-anyway".
 
     has_outputs(): whether the folder already holds results. With no identity file, a folder with outputs is adopted
     (recorded as this run: folders made before identities existed) when adopt_unrecorded, else refused.
     clear(): deletes the folder's outputs, for force_new."""
+    shown_as = where or folder  # the thing named in messages (a folder, or one file in it)
     if force_new and resume_anyway:
         raise IdentityError("--force-new and --resume-anyway exclude each other; pass one")
     now = {"kind": kind, "fields": fields, "code_version": code_version(),
@@ -146,32 +147,32 @@ def check_identity(folder: str, kind: str, fields: Dict[str, Any], *, what: str,
         recorded = None
     if force_new:
         if (recorded is not None or has_outputs()) and clear is not None:
-            log.warning("--force-new: deleting the previous outputs of %s %s", what, folder)
+            log.warning("--force-new: deleting the previous outputs of %s %s", what, shown_as)
             clear()
         write_identity(folder, now, name)
         return "forced"
     if recorded is None:
         if has_outputs() and not adopt_unrecorded and not resume_anyway:
-            raise IdentityError(f"{what} {folder} holds outputs of a run that recorded no identity, so they may come "
+            raise IdentityError(f"{what} {shown_as} holds outputs of a run that recorded no identity, so they may come "
                                 f"from other settings; pass {FORCE_FLAGS}, or use another folder")
         if has_outputs():
-            log.info("%s %s has no %s: recording this run's identity for it", what, folder, name)
+            log.info("%s %s has no %s: recording this run's identity for it", what, shown_as, name)
         write_identity(folder, now, name)
         return "new"
     diff = differences(recorded.get("fields", {}), fields)
     if recorded.get("kind") != kind:
         diff.insert(0, f"kind: {recorded.get('kind')!r} -> {kind!r}")
     if recorded.get("code_version") != now["code_version"]:
-        log.info("%s %s was started by code version %s; this is %s", what, folder, recorded.get("code_version"),
+        log.info("%s %s was started by code version %s; this is %s", what, shown_as, recorded.get("code_version"),
                  now["code_version"])
     if not diff:
         return "same"
     if not resume_anyway:
         shown = "; ".join(diff[:12]) + (f"; ... {len(diff) - 12} more" if len(diff) > 12 else "")
-        raise IdentityError(f"{what} {folder} holds a run with other settings ({_path(folder, name)}): {shown}. "
+        raise IdentityError(f"{what} {shown_as} holds a run with other settings ({_path(folder, name)}): {shown}. "
                             f"Rerun with the recorded settings to resume it, pass {FORCE_FLAGS}, or use another "
                             f"folder")
-    log.warning("--resume-anyway: %s %s continues with other settings: %s", what, folder, "; ".join(diff))
+    log.warning("--resume-anyway: %s %s continues with other settings: %s", what, shown_as, "; ".join(diff))
     recorded.setdefault("history", []).append({"at": now["created"], "code_version": now["code_version"],
                                                "resumed_anyway_with": diff})
     recorded["fields"] = fields

@@ -369,7 +369,8 @@ def read_tfrecord(path: Union[str, os.PathLike], verify: bool = True) -> Iterato
             if len(data) < length or len(footer) < 4:
                 raise RecordFormatError(f"{path}: record {i} (0-based): truncated (file ends inside the record)")
             if verify and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                raise RecordFormatError(f"{path}: record {i} (0-based): data CRC mismatch (corrupt file)")
+                raise RecordFormatError(f"{path}: record {i} (0-based): data CRC mismatch (corrupt file); rebuild it "
+                                        f"with create_finetune_tfrecords.py")
             yield data
             i += 1
 
@@ -415,7 +416,8 @@ def read_index(index_path: Union[str, os.PathLike]) -> list[IndexEntry]:
     """The entries of an index file (blank lines skipped); raises if it lists nothing."""
     index_path = os.fspath(index_path)
     if not is_url(index_path) and not os.path.isfile(index_path):
-        raise FileNotFoundError(f"index file {index_path} does not exist")
+        raise FileNotFoundError(f"index file {index_path} does not exist; fix the path (config 'train_set' / "
+                                f"'val_set') or make it with create_finetune_tfrecords.py")
     with open_binary(index_path) as f:
         lines = f.read().decode("utf-8").splitlines()
     entries = [IndexEntry(resolve_entry(index_path, line.strip()), n, index_path)
