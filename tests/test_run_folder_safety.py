@@ -19,7 +19,10 @@ import pytest
 
 from cli_helpers import REPO, TINY, check_ok, cli_env, make_dataset, read_metrics, run_cli, write_config
 from mesh_transformer import checkpoint as ckpt
-from mesh_transformer import run_lock
+try:
+    from mesh_transformer import run_lock
+except ImportError:  # lets this module run against code from before issue 19 (its tests then fail, not crash)
+    run_lock = None
 from mesh_transformer.cli_util import run_main
 from mesh_transformer.config import load_config
 
@@ -67,7 +70,7 @@ def _train_state(cfg):
 class Holder:
     """Another process holding a folder's lock (a real, live process of this host)."""
 
-    def __init__(self, folder: pathlib.Path, name: str = run_lock.LOCK_NAME):
+    def __init__(self, folder: pathlib.Path, name: str = "run.lock"):
         code = textwrap.dedent(f"""
             import sys, time
             sys.path.insert(0, {str(REPO)!r})
