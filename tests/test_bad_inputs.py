@@ -463,6 +463,8 @@ CASES = [
                        "--out", str(pathlib.Path(write(t, "f", "x")) / "a.jsonl")], ["--out folder", "is a file"]),
     Case("dt-total-steps", "device_train", "--total-steps -1", lambda w, t: [*train(w, t), "--total-steps", "-1"],
          ["--total-steps -1"]),
+    Case("dt-model-dir-is-file", "device_train", "model_dir is a file",
+         lambda w, t: train(w, t, model_dir=write(t, "afile", "x")), ["model_dir", "afile"]),
     Case("dt-seed-text", "device_train", "--seed abc (argparse usage error)",
          lambda w, t: [*train(w, t), "--seed", "abc"], ["--seed", "abc"], rc=2),
     Case("re-top-p-zero", "resharding_example", "--top-p 0", lambda w, t: ["--ckpt", w["ck2"], "--top-p", "0"],

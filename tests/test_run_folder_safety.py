@@ -305,6 +305,28 @@ def test_rerun_with_other_config_refuses_listing_the_difference(trained, tmp_pat
     assert rc == 0, err
 
 
+def test_force_new_starts_over_and_resume_anyway_records_the_difference(trained, tmp_path, capsys):
+    import shutil
+
+    import device_train
+    raw = json.loads(pathlib.Path(trained["config"]).read_text())
+    for flag in ("--force-new", "--resume-anyway"):
+        folder = tmp_path / flag.strip("-")
+        shutil.copytree(trained["ckpt"], folder)
+        config = tmp_path / "cfg.json"
+        config.write_text(json.dumps({**raw, "model_dir": str(folder), "lr": 1e-3, "total_steps": 4}))
+        rc, err = call(device_train.main, ["--config", config, "--no-progress", flag], capsys)
+        assert rc == 0, err
+        identity = json.loads((folder / "run_identity.json").read_text())
+        assert identity["fields"]["config"]["lr"] == 1e-3
+        steps = [m["step"] for m in read_metrics(folder / "metrics.jsonl")]
+        if flag == "--force-new":  # started over: four new steps, the old checkpoints gone
+            assert steps == [1, 2, 3, 4] and not (folder / "step_3").exists() and identity["history"] == []
+        else:  # resumed at step 3 with the new lr, the difference recorded
+            assert steps == [1, 2, 3, 4] and (folder / "step_3").exists()
+            assert "config.lr: 0.003 -> 0.001" in identity["history"][0]["resumed_anyway_with"]
+
+
 def test_meta_json_missing_refuses_then_recover_meta_resumes(trained, tmp_path, capsys):
     import shutil
 
@@ -457,9 +479,11 @@ def test_damaged_latest_step_falls_back_naming_the_file(tmp_path, caplog):
                              aux={"train_loader": {"step": step}})
     bad = tmp_path / "step_4" / "shard_1" / "7.npz"
     bad.write_bytes(bad.read_bytes()[:100])
-    params, opt, step, aux = ckpt.load_checkpoint(str(tmp_path), cfg, forget_bad=True)
+    params, opt, step, aux = ckpt.load_checkpoint(str(tmp_path), cfg)  # a reader: falls back, changes nothing
     assert step == 2 and aux == {"train_loader": {"step": 2}} and opt is not None
     assert str(bad) in caplog.text
+    assert json.loads((tmp_path / "meta.json").read_text())["checkpoints"] == [2, 4]
+    assert ckpt.load_checkpoint(str(tmp_path), cfg, forget_bad=True)[2] == 2  # training: also un-lists step 4
     assert json.loads((tmp_path / "meta.json").read_text())["checkpoints"] == [2]  # step 4 will be trained again
 
 
