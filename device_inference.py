@@ -16,7 +16,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -45,6 +45,7 @@ def parse_args(argv=None):
       help="the answers file was written by another checkpoint or other settings: delete it and answer anew")
     a("--resume-anyway", action="store_true",
       help="resume the answers file although it was written with other settings (recorded in its identity file)")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
     from mesh_transformer import flag_checks as fc
     fc.check(args, {"--n_train_samples": fc.at_least(1), "--gen_length": fc.at_least(1),
@@ -71,8 +72,9 @@ def answers_fields(args, cfg, ckpt_path: str, step: int) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     from mesh_transformer import run_lock
     from mesh_transformer.cli_util import check_output_dir
     from mesh_transformer.config import load_config

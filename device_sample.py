@@ -15,7 +15,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -46,6 +46,7 @@ def parse_args(argv=None):
       help="dtype of the matmuls and KV cache (default: the config's, bfloat16; float32 is faster on CPU)")
     a("--jsonl", action="store_true", help="print one JSON object per sample ({prompt, sample, completion}) "
                                            "instead of text")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
     from mesh_transformer import flag_checks as fc
     fc.check(args, {"--ckpt-step": fc.at_least(0), "--max-new-tokens": fc.at_least(1), "--temperature": fc.at_least(0),
@@ -124,8 +125,9 @@ def read_prompts(args) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     import jax
 
     from mesh_transformer.model import CausalTransformer

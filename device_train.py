@@ -18,7 +18,8 @@ import argparse
 import logging
 import sys
 
-from mesh_transformer.cli_util import ERRORS_EPILOG, run_main, setup_logging
+from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, run_main, setup_compile_cache,
+                                      setup_logging)
 
 
 def parse_args(argv=None):
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--recover-meta", action="store_true",
                    help="the model_dir has step folders but no readable meta.json: rebuild meta.json from the "
                         "complete steps (loader position replayed) and resume from the newest")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
     from mesh_transformer import flag_checks as fc
     fc.check(args, {"--total-steps": fc.at_least(0)}, "device_train.py")
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
     setup_logging()
     from mesh_transformer.config import load_config
     cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
+    setup_compile_cache(args.compile_cache)
 
     from mesh_transformer.finetune import RunOptions, train
     state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,

@@ -10,6 +10,8 @@ import sys
 from typing import Callable, Optional, Sequence
 
 DEBUG_ENV = "STAR_DEBUG"
+NO_COMPILE_CACHE_ENV = "STAR_NO_COMPILE_CACHE"
+DEFAULT_COMPILE_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "star_jax")
 ERRORS_EPILOG = (f"On an error the tool prints one line `error: ...` and exits with 1; set {DEBUG_ENV}=1 for a "
                  f"traceback.")
 
@@ -20,6 +22,29 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "urllib3", "google", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_compile_cache_flag(parser) -> None:
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help=f"JAX's persistent compilation cache folder, so a rerun (e.g. after a crash) does not "
+                             f"compile again (default {DEFAULT_COMPILE_CACHE}, or $JAX_COMPILATION_CACHE_DIR; "
+                             f"{NO_COMPILE_CACHE_ENV}=1 turns it off)")
+
+
+def setup_compile_cache(folder: Optional[str] = None) -> Optional[str]:
+    """Turns on JAX's persistent compilation cache (programs that took over a second to compile), unless
+    STAR_NO_COMPILE_CACHE is set; JAX_COMPILATION_CACHE_DIR, when set, wins over the default folder."""
+    if os.environ.get(NO_COMPILE_CACHE_ENV, "") not in ("", "0"):
+        return None
+    import jax
+    folder = folder or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILE_CACHE
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        logging.getLogger(__name__).warning("compilation cache %s not used: %s", folder, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
 
 
 def user_error_types() -> tuple:

@@ -9,16 +9,13 @@
      iteration makes, the model config and the base model. A rerun with other flags used to reuse the old
      iterations, run new ones with the new flags and overwrite run_config.json; now it refuses with the differences
      listed, unless --force-new (the folder's contents are deleted first) or --resume-anyway;
-  4. writes run_config.json (argv, options, model config), as before.
-It returns the held lock (a context manager). `check_flags(args)` checks the numeric flags' ranges.
+It returns the held lock (a context manager); iteration_train.py then writes run_config.json as before. `check_flags(args)` checks the numeric flags' ranges.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import sys
 from typing import Any
 
 from mesh_transformer import flag_checks as fc
@@ -40,7 +37,7 @@ FLAG_RANGES = {
 }
 # flags that do not change what the iterations make: where and how long, how it is shown
 NOT_IN_IDENTITY = {"out_dir", "n_iters", "start_iter", "dry_run", "progress", "skip_eval", "eval_batch_size",
-                   "force_new", "resume_anyway"}
+                   "force_new", "resume_anyway", "options", "compile_cache", "chunk_size", "desc"}
 
 
 def check_flags(args: Any) -> None:
@@ -111,8 +108,6 @@ def open_experiment(args: Any, cfg: Any) -> run_lock.RunLock:
                                     force_new=getattr(args, "force_new", False),
                                     resume_anyway=getattr(args, "resume_anyway", False),
                                     has_outputs=lambda: _has_outputs(out_dir), clear=lambda: _clear(out_dir))
-        with open(os.path.join(out_dir, "run_config.json"), "w") as f:
-            json.dump({"argv": sys.argv[1:], "options": vars(args), "model_config": cfg.to_dict()}, f, indent=2)
     except BaseException:
         lock.release()
         raise
