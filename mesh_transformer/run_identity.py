@@ -310,8 +310,11 @@ def training_fields(cfg: Any, options: Any) -> Dict[str, Any]:
         start = {"from": "params given by the caller"}
     else:
         start = {"from": "random init", "seed": int(getattr(options, "seed", 0))}
-    return {"config_hash": config_hash(fields), "config": fields, "start": start,
-            "slim_final": bool(getattr(options, "slim_final", False))}
+    out = {"config_hash": config_hash(fields), "config": fields, "start": start,
+           "slim_final": bool(getattr(options, "slim_final", False))}
+    if getattr(options, "anneal_steps", None) is not None:  # a per-run schedule horizon (STaR's per fine-tune)
+        out["anneal_steps"] = options.anneal_steps
+    return out
 
 
 def check_training_folder(cfg: Any, options: Any, ckpt_path: str, metrics_path: Optional[str] = None,

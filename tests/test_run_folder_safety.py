@@ -382,8 +382,9 @@ def test_device_inference_never_resumes_another_checkpoints_answers(tmp_path, ca
 def test_iteration_train_rerun_with_other_flags_refuses(tmp_path, capsys):
     import iteration_train
     out = tmp_path / "out"
-    base = ["--out-dir", out, "--dry_run", "--no-progress", "--base_model_location", "random", "--max_digits", "2",
-            "--n_dev_per_digit", "2"]
+    # a finished run: iteration 0 (the base evaluated on 4 dev sums) and no further iteration
+    base = ["--out-dir", out, "--n_iters", "0", "--no-progress", "--base_model_location", "random", "--max_digits",
+            "2", "--n_dev_per_digit", "2", "--gen_length", "4", "--eval_batch_size", "4"]
     rc, err = call(iteration_train.main, [*base, "--n_train_samples", "8"], capsys)
     assert rc == 0, err
     run_config = (out / "run_config.json").read_text()
