@@ -5,7 +5,9 @@
 Where it starts: from the config's checkpoint folder (gs://{bucket}/{model_dir}, or model_dir as a local path or URL
 when bucket is empty) when that holds a checkpoint - an interrupted run resumes exactly, loader position included;
 else from --tune-model-path (the LR schedule restarts at step 0); else from a random initialisation (--seed).
-It checkpoints every ckpt_every steps and at the end, validates every val_every steps on each val_set, and appends
+Before it loads anything it checks that the train step fits the devices' memory (XLA's analysis of the step compiled
+on abstract shapes; `python -m mesh_transformer.memory` prints the figures), and stops naming the knobs to turn if
+not. It checkpoints every ckpt_every steps and at the end, validates every val_every steps on each val_set, and appends
 one JSON line per step (loss, lr, grad_norm, tokens_per_s, mfu, val losses) to {model_dir}/metrics.jsonl, or to
 ./logs/{name}.metrics.jsonl when model_dir is a gs:// URL.
 
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
 
     from mesh_transformer.finetune import RunOptions, train
     state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
-                                  total_steps=args.total_steps, progress=not args.no_progress,
+                                  total_steps=args.total_steps, progress=not args.no_progress, memory_check=True,
                                   force_new=args.force_new, resume_anyway=args.resume_anyway,
                                   recover_meta=args.recover_meta))
     logging.getLogger("device_train").info("done at step %d", int(state.step))

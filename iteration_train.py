@@ -140,7 +140,14 @@ def _run(args, argv, cfg, opts):
                          GenerationSettings(temperature=opts.temperature, batch_size=opts.eval_batch_size,
                                             seed=opts.seed), progress=opts.progress,
                          anneal_per_finetune=opts.anneal_each_finetune)
-    rows = StarRun(opts, task, backend).run()
+    run = StarRun(opts, task, backend)
+    if not opts.dry_run:  # a generation batch: the few-shot prefix, the longest of 200 questions, gen_length new
+        tok = backend.tokenizer
+        prefix = len(tok.encode(task.few_shot_prompt(hint=False, direct=opts.generation.direct)))
+        longest = max([len(tok.encode(task.format_question(ex, hint=opts.generation.rationalize)))
+                       for ex in run.train_examples[:200]] or [1])
+        backend.check_memory(opts.eval_batch_size, prefix, longest, opts.generation.gen_length)
+    rows = run.run()
     report = os.path.join(opts.out_dir, "results.md")
     if opts.dry_run or not os.path.exists(report):
         logging.getLogger("star").info("done: %d iterations (no report: nothing was run)", len(rows))

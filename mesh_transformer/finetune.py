@@ -40,6 +40,7 @@ class RunOptions:
     slim_final: bool = False  # write the last checkpoint without optimizer state (bf16 params)
     progress: bool = True
     desc: str = "train"
+    memory_check: bool = False  # before anything is loaded: compile the step on abstract shapes, stop if it won't fit
     force_new: bool = False  # start over in ckpt_path (its steps, meta.json and metrics are deleted)
     resume_anyway: bool = False  # resume although the run identity differs (recorded in run_identity.json)
     recover_meta: bool = False  # rebuild a missing / damaged meta.json from the complete step folders
@@ -151,6 +152,9 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     if not cfg.train_set:
         raise ValueError("config has no 'train_set': set it to a TFRecord index file (see create_finetune_tfrecords.py)")
     trainer = trainer or Trainer(cfg)
+    if options.memory_check:
+        from .memory import check_before_run
+        check_before_run(trainer=trainer, log=log)
     total_steps = options.total_steps if options.total_steps is not None else cfg.total_steps
     batch = _global_batch(cfg, trainer)
     ga = cfg.gradient_accumulation_steps

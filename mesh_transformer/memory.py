@@ -9,8 +9,13 @@ tokens) are lowered and compiled on abstract shapes (`jax.ShapeDtypeStruct` with
 allocated, so a 6B set-up is checked on a laptop (with as many fake CPU devices as the mesh needs). The figures are
 XLA's `memory_analysis()` of the partitioned programs, per device: arguments (params, optimizer state, batch),
 outputs, buffers aliased by donation, and temporaries (activations, gradients, the KV cache the sampler allocates).
-Compiled for the CPU they are XLA's buffer assignment on the CPU; a TPU or GPU compile lays buffers out differently
-(fusion, layouts, padding), so keep a margin (`--margin`, default 10%).
+
+Which compiler: `--topology v3:2x2` (a TPU v3-8), `v4:2x2x1`, `v5p:2x2x1`, ... compiles for that TPU without one
+(JAX's deviceless AOT, `jax.experimental.topologies`; needs libtpu: `pip install --target DIR "libtpu==0.0.42.*"` and
+TPU_LIBRARY_PATH=DIR/libtpu/libtpu.so, kept out of requirements.txt because a libtpu in the environment makes every
+`import jax` look for TPUs). Without it the functions are compiled for the local devices; on a CPU that is a poor
+stand-in for bf16 set-ups, since XLA's CPU backend computes bf16 matmuls in f32 and so holds f32 copies of bf16
+weights and caches (temporaries up to ~2x a TPU's). Keep a margin (`--margin`, default 10%) either way.
 
 device_train.py and iteration_train.py call `check_training` / `check_sampling` before they start, when the devices'
 memory is known (accelerators report it; STAR_DEVICE_MEMORY_GB sets it anywhere), and stop with what does not fit
@@ -22,14 +27,16 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
 GiB = 1024 ** 3
 DEVICE_MEMORY_ENV = "STAR_DEVICE_MEMORY_GB"
 # memory of one device (one TPU core, one GPU), bytes
-DEVICES = {"tpu-v3": 16 * GiB, "tpu-v4": 32 * GiB, "tpu-v5e": 16 * GiB, "a100-40": 40 * GiB, "a100-80": 80 * GiB,
+DEVICES = {"tpu-v3": 16 * GiB, "tpu-v5p": 95 * GiB, "tpu-v4": 32 * GiB, "tpu-v5e": 16 * GiB, "a100-40": 40 * GiB, "a100-80": 80 * GiB,
            "h100-80": 80 * GiB, "h200": 141 * GiB, "l4": 24 * GiB}
+_KINDS = {"TPU v3": "tpu-v3", "TPU v4": "tpu-v4", "TPU v5": "tpu-v5p", "TPU v5 lite": "tpu-v5e"}
 KNOBS = ("remat 'full' (activations), scan_layers true, a larger cores_per_replica (mp: params and moments split "
          "further), early_cast true (bf16 params), adam_dtype 'bfloat16' (bf16 first moment), a smaller "
          "per_replica_batch or more gradient_accumulation_steps")
@@ -51,6 +58,11 @@ class Usage:
         return self.arguments + self.temporaries + max(0, self.outputs - self.aliased)
 
 
+def size(n: float) -> str:
+    """Bytes as GiB (MiB below 0.1 GiB)."""
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 1024 ** 2:.1f} MiB"
+
+
 def per_device_bytes(tree: Any) -> int:
     """Bytes that one device holds of a tree of sharded ShapeDtypeStructs / arrays (the largest device's share)."""
     import jax
@@ -62,8 +74,17 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
-def _usage(name: str, compiled, detail: dict) -> Usage:
-    m = compiled.memory_analysis()
+def _usage(name: str, lowered, detail: dict, arguments: int) -> Usage:
+    """Compiles `lowered` and reads its memory analysis. A TPU compiler refuses a program whose temporaries do not
+    fit its HBM (RESOURCE_EXHAUSTED, "HLO temporaries (16.35G)"): that is a figure too, not a crash."""
+    try:
+        m = lowered.compile().memory_analysis()
+    except Exception as e:  # jax.errors.JaxRuntimeError
+        found = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        temps = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
+        return Usage(name + " [compiler: out of memory]", arguments, arguments, arguments, temps, detail)
     return Usage(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
                  int(m.temp_size_in_bytes), detail)
 
@@ -79,11 +100,12 @@ def training_usage(trainer) -> list[Usage]:
     cfg = trainer.cfg
     state = _abstract(trainer.abstract_state(), trainer.shardings)
     detail = {"params": per_device_bytes(state.params), "optimizer state": per_device_bytes(state.opt_state)}
-    init = trainer._init.lower(jax.ShapeDtypeStruct((2,), jax.numpy.uint32)).compile()
+    init = trainer._init.lower(jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
     batch = (cfg.gradient_accumulation_steps, cfg.per_replica_batch * trainer.mesh.shape["dp"], cfg.seq + 1)
-    step = trainer.lower_train_step(batch).compile()
-    return [_usage("init", init, detail), _usage(f"train step (batch {batch[1]} x GA {batch[0]} x seq {cfg.seq})",
-                                                 step, detail)]
+    step = trainer.lower_train_step(batch)
+    state_bytes = detail["params"] + detail["optimizer state"]
+    return [_usage("init", init, detail, 0),
+            _usage(f"train step (batch {batch[1]} x GA {batch[0]} x seq {cfg.seq})", step, detail, state_bytes)]
 
 
 def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: int) -> Usage:
@@ -111,11 +133,11 @@ def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: in
 
     def arr(shape, dtype, s):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-    compiled = sampler._generate.lower(
+    lowered = sampler._generate.lower(
         new_tokens, params, pre_kv, pre_logits, arr((b, tp), jnp.int32, rows2d), arr((b,), jnp.int32, rows),
         arr((b, 2), jnp.uint32, rows2d), arr((b,), jnp.float32, rows), arr((b,), jnp.int32, rows),
         arr((b,), jnp.float32, rows), np.int32(0), np.zeros((cfg.n_vocab,), bool),
-        np.full((4, 4), -3, np.int32)).compile()
+        np.full((4, 4), -3, np.int32))
     dtype_bytes = jnp.dtype(sampler.model.compute_dtype).itemsize
     kv_total = sampler_kv_bytes(cfg, b, prompt, new_tokens, prefix, dtype_bytes)
     devices = mesh.shape[DP] * mesh.shape[MP]
@@ -123,7 +145,7 @@ def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: in
     detail = {"params": per_device_bytes(params),
               "KV cache": kv_total // (kv_split * mesh.shape[DP]) if devices > 1 else kv_total}
     return _usage(f"sampler (batch {b}, prefix {prefix} + prompt {prompt} (bucket {tp}) + {new_tokens} new)",
-                  compiled, detail)
+                  lowered, detail, detail["params"])
 
 
 def device_memory(devices: Optional[str] = None) -> Optional[int]:
@@ -151,7 +173,7 @@ def report(usages: Sequence[Usage], capacity: Optional[int], margin: float = 0.1
     fits = True
     for u in usages:
         lines.append(f"{u.name:<72} {g(u.arguments)} {g(u.temporaries)} {g(u.outputs)} {g(u.aliased)} {g(u.peak)}")
-        lines.append("    " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in u.detail.items()))
+        lines.append("    " + ", ".join(f"{k} {size(v)}" for k, v in u.detail.items()))
         if capacity is not None and u.peak > capacity * (1 - margin):
             fits = False
     if capacity is None:
@@ -169,8 +191,8 @@ def check(usages: Sequence[Usage], capacity: Optional[int], margin: float = 0.1)
     text, fits = report(usages, capacity, margin)
     if not fits:
         over = [u for u in usages if u.peak > capacity * (1 - margin)]
-        names = "; ".join(f"{u.name} needs {u.peak / GiB:.2f} GiB per device" for u in over)
-        raise ValueError(f"this set-up does not fit the devices' {capacity / GiB:.1f} GiB ({margin:.0%} kept free): "
+        names = "; ".join(f"{u.name} needs {size(u.peak)} per device" for u in over)
+        raise ValueError(f"this set-up does not fit the devices' {size(capacity)} ({margin:.0%} kept free): "
                          f"{names}. Turn one of the knobs: {KNOBS}; or check a set-up first with "
                          f"`python -m mesh_transformer.memory --config ...`")
     return text
@@ -210,6 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="mtj JSON config or preset (e.g. configs/6B_roto_256.json)")
     p.add_argument("--mesh", default=None, help="dp,mp (default: 1,cores_per_replica); on a CPU-only machine this "
                                                 "many fake devices are made")
+    p.add_argument("--topology", default=None,
+                   help="compile for this TPU topology without the hardware (e.g. v3:2x2 = a v3-8, v4:2x2x1, "
+                        "v5p:2x2x1); needs libtpu (see above). Default: the local devices")
     p.add_argument("--devices", default=None, help=f"device kind, for its memory: {', '.join(DEVICES)} (default: "
                                                    f"what the devices report, or {DEVICE_MEMORY_ENV})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -237,9 +262,17 @@ def main(argv=None) -> int:
     from . import sharding
     from .sampling import Sampler
     from .train import Trainer
-    if len(jax.devices()) < dp * mp:
-        raise ValueError(f"--mesh {dp},{mp} needs {dp * mp} devices; {len(jax.devices())} are visible")
-    mesh = sharding.make_mesh(mp, jax.devices()[:dp * mp])
+    devices = jax.devices()
+    if args.topology:
+        from jax.experimental import topologies
+        try:
+            devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
+        except Exception as e:
+            raise ValueError(f"--topology {args.topology}: {e}; it needs libtpu (pip install --target DIR "
+                             f"'libtpu==0.0.42.*' and TPU_LIBRARY_PATH=DIR/libtpu/libtpu.so)") from None
+    if len(devices) < dp * mp:
+        raise ValueError(f"--mesh {dp},{mp} needs {dp * mp} devices; {len(devices)} are visible")
+    mesh = sharding.make_mesh(mp, devices[:dp * mp])
     cfg = cfg.replace(cores_per_replica=mp)
     usages = []
     trainer = Trainer(cfg, mesh)
@@ -248,14 +281,16 @@ def main(argv=None) -> int:
     if args.sample_batch:
         usages.append(sampling_usage(Sampler(trainer.model, mesh=mesh), args.sample_batch, args.prefix, args.prompt,
                                      args.new_tokens))
-    capacity = device_memory(args.devices)
+    kind = devices[0].device_kind
+    capacity = device_memory(args.devices or (_KINDS.get(kind) if args.topology else None))
     text, fits = report(usages, capacity, args.margin)
     print(f"{args.config} on mesh (dp={dp}, mp={mp})" + (f" with {' '.join(args.set)}" if args.set else "") +
-          f"; compiled for {jax.devices()[0].platform}")
+          f"; compiled for {kind}" + (f" ({args.topology}, deviceless)" if args.topology else ""))
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "mesh": [dp, mp], "set": args.set, "capacity": capacity, "fits": fits,
+            json.dump({"config": args.config, "mesh": [dp, mp], "set": args.set, "compiled_for": kind,
+                   "topology": args.topology, "capacity": capacity, "fits": fits,
                        "usages": [dict(dataclasses.asdict(u), peak=u.peak) for u in usages]}, f, indent=2)
     return 0 if fits or capacity is None else 2
 

@@ -180,9 +180,14 @@ class Trainer:
             grads = jax.tree.map(jnp.add, grads, g)
             return (grads, loss_sum + loss, ce_sum + aux["ce"], tok_sum + aux["tokens"]), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0), (inputs, targets, mask))
         ga = inputs.shape[0]
+        if ga == 1:  # no accumulator: at 6B on one device the fp32 sum alone is 24 GB
+            (loss_sum, aux), grads = grad_fn(state.params, inputs[0], targets[0], mask[0], True)
+            ce_sum, tokens = aux["ce"], aux["tokens"]
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0),
+                                                                (inputs, targets, mask))
         grad_norm = optax.global_norm(grads) / ga  # norm of the mean gradient, before clipping
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         optimizer = make_optimizer(self.cfg, anneal_steps)
