@@ -47,7 +47,13 @@ def parse_args(argv=None):
     a("--jsonl", action="store_true", help="print one JSON object per sample ({prompt, sample, completion}) "
                                            "instead of text")
     add_compile_cache_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--ckpt-step": fc.at_least(0), "--max-new-tokens": fc.at_least(1), "--temperature": fc.at_least(0),
+                    "--top-p": fc.Range(lo=0, hi=1, lo_open=True), "--top-k": fc.at_least(0),
+                    "--num-samples": fc.at_least(1), "--batch-size": fc.at_least(1),
+                    "--cores-per-replica": fc.at_least(1)}, "device_sample.py")
+    return args
 
 
 def load_model(args):

@@ -10,6 +10,11 @@ on abstract shapes; `python -m mesh_transformer.memory` prints the figures), and
 not. It checkpoints every ckpt_every steps and at the end, validates every val_every steps on each val_set, and appends
 one JSON line per step (loss, lr, grad_norm, tokens_per_s, mfu, val losses) to {model_dir}/metrics.jsonl, or to
 ./logs/{name}.metrics.jsonl when model_dir is a gs:// URL.
+
+One run owns a model_dir: a second writer stops at once naming the holder (run.lock). The folder records what
+defines its results (run_identity.json: config, start checkpoint, code version); a rerun with other settings
+refuses and lists the differences (--force-new / --resume-anyway). A non-finite loss or grad norm stops training
+before the next checkpoint; a damaged latest step falls back to the newest one that loads.
 """
 import argparse
 import logging
@@ -33,8 +38,20 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation (default: 0)")
     p.add_argument("--total-steps", type=int, default=None, help="override the config's total_steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs and metrics JSONL still written)")
+    p.add_argument("--force-new", action="store_true",
+                   help="the model_dir holds a run with other settings (run_identity.json): delete its steps, "
+                        "meta.json and metrics and start over there")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume the model_dir's run although its recorded settings differ (the difference is "
+                        "appended to run_identity.json)")
+    p.add_argument("--recover-meta", action="store_true",
+                   help="the model_dir has step folders but no readable meta.json: rebuild meta.json from the "
+                        "complete steps (loader position replayed) and resume from the newest")
     add_compile_cache_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--total-steps": fc.at_least(0)}, "device_train.py")
+    return args
 
 
 def main(argv=None) -> int:
@@ -46,7 +63,9 @@ def main(argv=None) -> int:
 
     from mesh_transformer.finetune import RunOptions, train
     state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
-                                  total_steps=args.total_steps, progress=not args.no_progress, memory_check=True))
+                                  total_steps=args.total_steps, progress=not args.no_progress, memory_check=True,
+                                  force_new=args.force_new, resume_anyway=args.resume_anyway,
+                                  recover_meta=args.recover_meta))
     logging.getLogger("device_train").info("done at step %d", int(state.step))
     return 0
 

@@ -63,6 +63,10 @@ def parse_args(argv=None):
            "in dev, as the check that nothing is forgotten")
     add_flags(p, StarOptions, presets)
     add_compile_cache_flag(p)
+    a("--force-new", dest="force_new", action="store_true",
+      help="--out-dir holds a run with other settings (run_identity.json): delete its contents and start over")
+    a("--resume-anyway", dest="resume_anyway", action="store_true",
+      help="continue the --out-dir run with other settings (the difference is recorded in run_identity.json)")
     args = p.parse_args(argv)
     args.task = TASK_ALIASES.get(args.task or "arithmetic", args.task or "arithmetic")
     if args.task not in TASKS:
@@ -96,6 +100,8 @@ def parse_args(argv=None):
         else:
             opts.replay_n = 0
     vars(args).update(flat(opts))  # the namespace holds the resolved values too, as every flag's reader expects
+    from star.experiment_guard import check_flags
+    check_flags(args)  # ranges of the numeric flags, e.g. --p_rationalization in [0, 1]
     return args
 
 
@@ -105,15 +111,22 @@ def main(argv=None):
     setup_logging()
     setup_compile_cache(args.compile_cache)
     from mesh_transformer.config import load_config
-    from star.backend import GenerationSettings, JaxBackend
-    from star.loop import StarRun
-    from star.tasks import get_task
+    from star.experiment_guard import open_experiment
 
     opts = args.options
     cfg = load_config(args.config)
     if args.tokenizer:
         cfg = cfg.replace(tokenizer=args.tokenizer)
     cfg = cfg.replace(gradient_accumulation_steps=opts.gradient_accumulation_steps)
+    with open_experiment(args, cfg):  # the folder's lock and run identity, before anything is written there
+        return _run(args, argv, cfg, opts)
+
+
+def _run(args, argv, cfg, opts):
+    from star.backend import GenerationSettings, JaxBackend
+    from star.loop import StarRun
+    from star.tasks import get_task
+
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
         json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "options": _jsonable(vars(args)),
