@@ -126,19 +126,19 @@ class JaxBackend:
         """Stops before the run when a fine-tune step or a generation batch would not fit the devices (checked only
         where the devices' memory is known: accelerators, or STAR_DEVICE_MEMORY_GB)."""
         from mesh_transformer.memory import check_before_run
+        check_before_run(self.trainer, self._the_sampler(), dict(batch=batch, prefix=prefix, prompt=prompt,
+                                                                 new_tokens=new_tokens), log=log)
+
+    def _the_sampler(self):
         from mesh_transformer.sampling import Sampler
         if self._sampler is None:
             self._sampler = Sampler(self.trainer.model, mesh=self.trainer.mesh)
-        check_before_run(self.trainer, self._sampler, dict(batch=batch, prefix=prefix, prompt=prompt,
-                                                           new_tokens=new_tokens), log=log)
+        return self._sampler
 
     def sampler(self, params):
         """The run's one Sampler, running `params` (cast to the compute dtype only when they change)."""
-        from mesh_transformer.sampling import Sampler
-        if self._sampler is None:
-            self._sampler = Sampler(self.trainer.model, mesh=self.trainer.mesh)
         if self._sampler_params is not params:
-            self._sampler.set_params(params)
+            self._the_sampler().set_params(params)
             self._sampler_params = params
         return self._sampler
 
