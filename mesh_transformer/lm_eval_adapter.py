@@ -33,7 +33,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from .sampling import Sampler, bucket_length, truncate_at_stop
+from .generation import decode_completion, stop_arguments
+from .sampling import Sampler, bucket_length
 from .sharding import DP
 
 
@@ -44,23 +45,6 @@ def _score_impl(model, params, tokens, targets):
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
     greedy = jnp.argmax(logits, axis=-1) == targets  # [B, T]
     return target_logit - log_z, greedy
-
-
-def stop_arguments(sampler: Sampler, tokenizer: Any, stop: Sequence[str]) -> dict:
-    """The stop_tokens / stop_sequences for Sampler.sample of stop strings (as Sampler.generate builds them)."""
-    stop = [s for s in stop if s]
-    ids = [sampler.stop_token_ids(tokenizer, s) for s in stop]
-    stop_tokens = np.unique(np.concatenate(ids)) if ids else np.zeros((0,), np.int64)
-    return dict(stop_tokens=stop_tokens,
-                stop_sequences=[seq for seq in (tokenizer.encode(s) for s in stop) if len(seq) > 1])
-
-
-def decode_completion(tokenizer: Any, tokens: Sequence[int], length: int, stop: Sequence[str]) -> str:
-    """Row text of SampleOutput tokens[:length], EOS dropped, cut before the first stop string."""
-    ids = [int(t) for t in tokens[:length]]
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return truncate_at_stop(tokenizer.decode(ids), [s for s in stop if s])
 
 
 @register_model("mesh_transformer", "mtj")
