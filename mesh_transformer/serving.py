@@ -5,7 +5,8 @@ Two parts:
   * `BatchEngine`: ONE worker thread owns the `Sampler` (so JAX is only ever called from one thread). Requests are
     split into rows (one per prompt) in a bounded queue; the worker takes the first waiting row, gathers more for at
     most `wait_ms` milliseconds or until `max_batch` rows, and runs them as one sampler batch (rows with the same stop
-    strings share a call; each row keeps its own temperature, top-k, top-p, seed and max_tokens). Under load the
+    strings share a call; each row keeps its own temperature, top-k, top-p, seed and max_tokens). Each arrival
+    restarts the wait, up to 4 x `wait_ms` in all. Under load the
     batches fill up, so throughput grows with the number of clients; alone, a request waits only `wait_ms`.
   * `make_app`: a FastAPI app with the original's `POST /complete` ({context, top_p, temp} -> {completion}), an
     OpenAI-style `POST /v1/completions` and `GET /health`. Bad requests get 400/422 with the field named; a full
@@ -110,10 +111,14 @@ class BatchEngine:
             if self._stop:
                 return []
             batch = [self._rows.popleft()]
-            deadline = time.monotonic() + self.wait_s
+            # wait up to wait_s for the next row; each arrival restarts that wait (requests of many clients come
+            # in as a stream, parsed one by one), but never past 4 x wait_s from the first row
+            start = time.monotonic()
+            deadline = start + self.wait_s
             while len(batch) < self.max_batch:
                 if self._rows:
                     batch.append(self._rows.popleft())
+                    deadline = min(time.monotonic() + self.wait_s, start + 4 * self.wait_s)
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -134,7 +139,9 @@ class BatchEngine:
                 groups.setdefault(row.stop, []).append((row, fut))
             for stop, items in groups.items():
                 try:
+                    t0 = time.perf_counter()
                     results = self._run(stop, [r for r, _ in items])
+                    log.debug("batch of %d rows in %.3f s", len(items), time.perf_counter() - t0)
                 except Exception as e:  # a failed batch fails its requests, never the server
                     log.exception("batch of %d rows failed", len(items))
                     for _, fut in items:
@@ -152,9 +159,12 @@ class BatchEngine:
         if longest + max_new > self.seq:
             max_new = want
         eos = self.tokenizer.eos_token_id
-        out = self.sampler.sample([r.ids for r in rows], max_new, temperature=[r.temperature for r in rows],
-                                  top_k=[r.top_k for r in rows], top_p=[r.top_p for r in rows],
-                                  seed=[r.seed for r in rows], eos_id=eos,
+        # pad to a power of two with greedy copies of row 0: the sampler pads its batch so anyway, and the per-row
+        # settings (seeds -> keys) then come in a few shapes only, instead of one compile per row count
+        padded = rows + [rows[0]._replace(temperature=0.0)] * ((1 << (len(rows) - 1).bit_length()) - len(rows))
+        out = self.sampler.sample([r.ids for r in padded], max_new, temperature=[r.temperature for r in padded],
+                                  top_k=[r.top_k for r in padded], top_p=[r.top_p for r in padded],
+                                  seed=[r.seed for r in padded], eos_id=eos,
                                   **stop_arguments(self.sampler, self.tokenizer, stop))
         results = []
         for i, r in enumerate(rows):
