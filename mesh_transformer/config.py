@@ -70,6 +70,7 @@ class Config:
     tokenizer: str = "gpt2"  # "byte" (built in), "gpt2" (looked up locally), a folder, or a hub id
     keep_n: Optional[int] = None  # keep this many recent checkpoints besides every keep_every-th
     z_loss: float = 1e-4  # mtj's z-loss coefficient during training
+    adam_dtype: str = "params"  # dtype of Adam's first moment: the params' (mtj) or "bfloat16" (half the bytes)
 
     # ----- derived -----
     @property
@@ -120,6 +121,7 @@ _CHOICES = {
     "attention_impl": ("xla", "cudnn"),
     "remat": ("none", "full", "dots"),
     "loss_mask": ("completion", "none"),
+    "adam_dtype": ("params", "bfloat16"),
 }
 
 

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class RunOptions:
     tune_model_path: Optional[str] = None  # fine-tune from this v1 checkpoint folder (schedule restarts at 0)
     fresh_opt: bool = False  # with tune_model_path: ignore its Adam state
-    init_params: Any = None  # start from these params (host arrays) instead of a checkpoint or random init
+    init_params: Any = None  # start from these params (host or device arrays; copied) instead of a checkpoint or init
+    anneal_steps: Optional[int] = None  # the schedule's horizon (default cfg.anneal_steps); data, not a recompile
     ckpt_path: Optional[str] = None  # default: checkpoint.checkpoint_dir(cfg)
     metrics_path: Optional[str] = None  # default: {ckpt_path}/metrics.jsonl when local, else ./logs/{name}.metrics.jsonl
     total_steps: Optional[int] = None  # default: cfg.total_steps
@@ -176,23 +177,30 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     if loader_state:
         loader.set_state(loader_state)
     peak = device_peak_flops()
+    tokens = ga * batch * cfg.seq
+    batch_sharding = trainer.batch_sharding(3)
 
-    def save(step: int, final: bool = False) -> None:
+    def save(step: int, loader_state: dict, final: bool = False) -> None:
         ckpt.save_checkpoint(ckpt_path, state if not (final and options.slim_final) else state.params, step, cfg,
-                             slim=final and options.slim_final, aux={"train_loader": loader.get_state()},
+                             slim=final and options.slim_final, aux={"train_loader": loader_state},
                              keep_n=cfg.keep_n, keep_every=cfg.keep_every or None)
 
+    def next_batch():  # read, decode and start its transfer to the devices while the current step runs
+        return jax.device_put(next(loader), batch_sharding)
+
+    def needs_state(step: int) -> bool:  # validation and checkpoints read the state after `step`
+        return (step == total_steps or bool(cfg.val_every and cfg.val_set and step % cfg.val_every == 0)
+                or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0))
+
     bar = tqdm(total=total_steps, initial=start, desc=options.desc, disable=not options.progress, dynamic_ncols=True)
-    step = start
     t_last = time.time()
-    while step < total_steps:
-        batch_np = next(loader)
-        state, out = trainer.train_step(state, batch_np)
-        step += 1
+
+    def log_step(step: int, out: dict) -> None:
+        """Reads a step's metrics (the only wait for the device) and writes its line."""
+        nonlocal t_last
         out = {k: float(v) for k, v in out.items()}
         now = time.time()
         dt = now - t_last  # the step alone: validation and checkpoint time are excluded below
-        tokens = ga * batch * cfg.seq
         record = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                   "tokens_per_s": tokens / dt, "mfu": mfu(cfg, tokens / dt, peak), "time": now}
         if cfg.val_every and step % cfg.val_every == 0 and cfg.val_set:
@@ -202,10 +210,29 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
         bar.update(1)
         if on_step:
             on_step(step, record)
-        if step < total_steps and cfg.ckpt_every and step % cfg.ckpt_every == 0:
-            save(step)
         t_last = time.time()
+
+    # The host never waits for a step before it has queued the next one: step s+1 is dispatched before step s's
+    # metrics are read, and its batch was read while step s ran. Only a step whose state is needed (validation,
+    # checkpoint, the end) is waited for before the next is dispatched (the train step donates its state).
+    step = start
+    unread = None  # (step, metrics) dispatched but not yet logged
+    batch_dev = next_batch() if step < total_steps else None
+    while step < total_steps:
+        state, out = trainer.train_step(state, batch_dev, options.anneal_steps)
+        step += 1
+        loader_state = loader.get_state()  # where step+1's batch starts: what a checkpoint of this step records
+        batch_dev = next_batch() if step < total_steps else None
+        if unread is not None:
+            log_step(*unread)
+        unread = (step, out)
+        if needs_state(step):
+            log_step(*unread)
+            unread = None
+            if step < total_steps and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                save(step, loader_state)
+                t_last = time.time()
     bar.close()
     if step > start or ckpt.latest_step(ckpt_path) is None:
-        save(step, final=True)
+        save(step, loader.get_state(), final=True)  # nothing was read past the last step
     return state

@@ -124,6 +124,10 @@ class CausalTransformer:
             params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
         return params
 
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.config.compute_dtype]
+
     def cast_for_compute(self, params: Params) -> Params:
         """Params in the compute dtype (mtj casts the whole tree to bf16 before the forward pass)."""
         dtype = _DTYPES[self.config.compute_dtype]

@@ -258,14 +258,17 @@ class Sampler:
     texts = sampler.generate(questions, tokenizer, 96, shared_prefix=few_shot)  # text in, completions out
     """
 
-    def __init__(self, model: CausalTransformer, params: Any, mesh: Optional[Mesh] = None,
+    def __init__(self, model: CausalTransformer, params: Any = None, mesh: Optional[Mesh] = None,
                  prefix_cache_size: int = 4):
         self.model = model
         self.config = model.config
         self.mesh = mesh if mesh is not None else make_mesh(1, jax.devices()[:1])
-        # params live on the mesh in the compute dtype once, so no step re-casts them
-        shardings = named(self.mesh, param_specs(params))
-        self.params = jax.tree.map(lambda p, s: model.cast_for_compute(jax.device_put(p, s)), params, shardings)
+        # Built once per (model, mesh); params are an argument of every compiled function, so a long-lived sampler
+        # serves every model of a run (`set_params`) without tracing or compiling again.
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # abstract: nothing allocated
+        self.param_shardings = named(self.mesh, param_specs(shapes))
+        self._cast = jax.jit(model.cast_for_compute, in_shardings=(self.param_shardings,),
+                             out_shardings=self.param_shardings)
         self._generate = jax.jit(functools.partial(_generate_impl, model, self.mesh), static_argnums=(0,))
         prefix_spec = NamedSharding(self.mesh, P(None, MP, None, None))
         self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(HeadMajorPrefixKV(prefix_spec, prefix_spec),
@@ -273,6 +276,34 @@ class Sampler:
         self._prefixes: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._prefix_cache_size = prefix_cache_size
         self._stop_cache: dict = {}
+        self.params = None
+        if params is not None:
+            self.set_params(params)
+
+    def set_params(self, params: Any) -> None:
+        """Makes `params` (host or device arrays, any layout) the model this sampler runs: placed leaf by leaf on
+        their shardings and cast to the compute dtype once, so no step re-casts them. Clears the prefix cache.
+        Device params already in the compute dtype and layout are used as they are, not copied: do not donate
+        them (e.g. to a train step) while this sampler still runs them."""
+        def put(x, s):
+            if isinstance(x, jax.Array) and x.sharding == s:
+                return x
+            return jax.device_put(x, s)  # a host leaf goes straight to its shards
+        placed = jax.tree.map(put, params, self.param_shardings)
+        dtype = jnp.dtype(self.model.compute_dtype)
+        same = all(x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(placed))
+        self.params = placed if same else self._cast(placed)
+        self._prefixes.clear()
+
+    def clear_params(self) -> None:
+        """Drops the compute-dtype copy of the params (e.g. while the same devices train); set_params restores."""
+        self.params = None
+        self._prefixes.clear()
+
+    def _params(self):
+        if self.params is None:
+            raise ValueError("this Sampler has no params; call set_params(params) first")
+        return self.params
 
     @property
     def dp(self) -> int:
@@ -289,7 +320,7 @@ class Sampler:
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
             return self._prefixes[key]
-        value = self._prefix_fn(self.params, jnp.asarray([key], jnp.int32))
+        value = self._prefix_fn(self._params(), jnp.asarray([key], jnp.int32))
         self._prefixes[key] = value
         while len(self._prefixes) > self._prefix_cache_size:
             self._prefixes.popitem(last=False)
@@ -371,7 +402,7 @@ class Sampler:
                 return np.concatenate([a[idx], np.full((b - len(idx),) + a.shape[1:], dummy, a.dtype)])
 
             out, lengths, logp = self._generate(
-                max_new_tokens, self.params, prefix_kv, prefix_logits, jax.device_put(toks, rows2d),
+                max_new_tokens, self._params(), prefix_kv, prefix_logits, jax.device_put(toks, rows2d),
                 jax.device_put(plen, rows), jax.device_put(fill(row_keys, 0), rows2d),
                 jax.device_put(fill(temperature, 0.0), rows), jax.device_put(fill(top_k, 0), rows),
                 jax.device_put(fill(top_p, 1.0), rows), eos, stop_mask, stop_seqs)
@@ -410,10 +441,19 @@ class Sampler:
         are identical to running the full texts. batch_size: rows per compiled batch (the last batch is padded).
         Row i samples with fold_in(key(seed), i), independent of batch_size.
         """
+        prefix, rows = split_shared_prefix(tokenizer, texts, shared_prefix)
+        return self.complete(rows, tokenizer, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             stop=stop, seed=seed, prefix=prefix, batch_size=batch_size)
+
+    def complete(self, rows: Sequence[Sequence[int]], tokenizer: Any, max_new_tokens: int,
+                 temperature: FloatOrSeq = 0.0, top_k: IntOrSeq = 0, top_p: FloatOrSeq = 1.0,
+                 stop: Sequence[str] = ("\n",), seed: IntOrSeq = 0, prefix: Optional[Sequence[int]] = None,
+                 batch_size: int = 8) -> list[str]:
+        """`generate` on prompts already tokenized (each row's own ids after the shared `prefix` ids): for callers
+        that need the token counts anyway, so nothing is tokenized twice."""
         if isinstance(stop, str):
             stop = (stop,)
         stop = [s for s in stop if s]
-        prefix, rows = split_shared_prefix(tokenizer, texts, shared_prefix)
         stop_tokens = np.unique(np.concatenate([self.stop_token_ids(tokenizer, s) for s in stop] or
                                                [np.zeros((0,), np.int64)]))
         stop_sequences = [seq for seq in (tokenizer.encode(s) for s in stop) if len(seq) > 1]

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -20,13 +21,19 @@ from .config import Config
 from .model import CausalTransformer
 
 
-def gpt3_schedule(warmup_steps: int, anneal_steps: int, lr: float, end_lr: float):
-    """Linear warm-up to `lr` over W steps, then a half-cosine down to `end_lr` over A steps; the first step is 0."""
+def gpt3_schedule(warmup_steps: int, anneal_steps, lr: float, end_lr: float):
+    """Linear warm-up to `lr` over W steps, then a half-cosine down to `end_lr` over A steps; the first step is 0.
+
+    A may be a traced scalar: the train step takes the horizon as data, so one compiled step serves every
+    fine-tune length. The cosine's argument is written `clip(t - W, 0, A) * (pi * (1 / A))` in float32, which is
+    what XLA's constant folding makes of `pi * (clip(t - W, 0, A) / A)` for a constant A: the traced form gives
+    the same bits as the constant one, so runs are identical to those of a schedule compiled per horizon."""
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warmup = jnp.clip(step, 0, warmup_steps) / warmup_steps if warmup_steps > 0 else jnp.ones_like(step)
-        anneal = jnp.clip(step - warmup_steps, 0, anneal_steps) / anneal_steps
-        return warmup * lr - (lr - end_lr) * (1 - jnp.cos(jnp.pi * anneal)) / 2
+        a = jnp.asarray(anneal_steps, jnp.float32)
+        angle = jnp.clip(step - warmup_steps, 0, a) * (jnp.float32(math.pi) * (1.0 / a))
+        return warmup * lr - (lr - end_lr) * (1 - jnp.cos(angle)) / 2
     return schedule
 
 
@@ -36,15 +43,21 @@ def decay_mask(params: Any) -> Any:
             for mod, leaves in params.items()}
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, anneal_steps=None) -> optax.GradientTransformation:
+    """mtj's chain. anneal_steps (default the config's) may be a traced scalar: the state's structure does not
+    depend on it, so checkpoints are the same whatever horizon a fine-tune used."""
+    anneal = cfg.anneal_steps if anneal_steps is None else anneal_steps
     return optax.chain(
         optax.scale(1.0 / cfg.gradient_accumulation_steps),
         optax.clip_by_global_norm(1.0),
-        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=_ADAM_DTYPES[cfg.adam_dtype]),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
         optax.scale(-1.0),
-        optax.scale_by_schedule(gpt3_schedule(cfg.warmup_steps, cfg.anneal_steps, cfg.lr, cfg.end_lr)),
+        optax.scale_by_schedule(gpt3_schedule(cfg.warmup_steps, anneal, cfg.lr, cfg.end_lr)),
     )
+
+
+_ADAM_DTYPES = {"params": None, "bfloat16": jnp.bfloat16}  # None: the params' dtype (optax's default)
 
 
 class TrainState(NamedTuple):
@@ -63,10 +76,16 @@ def split_batch(batch: dict, use_mask: bool = True):
 
 
 class Trainer:
-    """Holds the model, optimizer and mesh; builds sharded, jitted train and eval steps.
+    """Holds the model, optimizer and mesh; builds the sharded, jitted init, train and eval steps once.
 
-    train_step(state, batch) with batch tokens [GA, B, T+1] (B = dp * per_replica_batch) returns
-    (state, {"loss", "ce", "grad_norm", "lr", "tokens"}). eval_step(params, batch [B, T+1]) returns {"loss", "ce"}.
+    State is born sharded: `init_state` runs the model's init and `optimizer.init` inside one `jax.jit` whose
+    out_shardings are the Megatron layout (MaxText's pattern), and `state_from_params` places given params leaf by
+    leaf on their shardings before a jitted `optimizer.init` creates the moments in place. No leaf ever exists
+    whole on one device (at 6B: 24 GB of fp32 params and 48 GB of moments, on 16 GB cores).
+
+    train_step(state, batch, anneal_steps=None) with batch tokens [GA, B, T+1] (B = dp * per_replica_batch)
+    returns (state, {"loss", "ce", "grad_norm", "lr", "tokens"}); the schedule's horizon is an argument (data), so
+    fine-tunes of different lengths share one compiled step. eval_step(params, batch [B, T+1]) -> {"loss", "ce"}.
     """
 
     def __init__(self, cfg: Config, mesh: Optional[Mesh] = None):
@@ -76,26 +95,73 @@ class Trainer:
         self.schedule = gpt3_schedule(cfg.warmup_steps, cfg.anneal_steps, cfg.lr, cfg.end_lr)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg.cores_per_replica)
         self.use_mask = cfg.loss_mask != "none"
-        self._train_step = None
-        self._eval_step = None
+        # abstract shapes only: nothing is allocated to learn the layout
+        self.param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype),
+                                         jax.eval_shape(self.model.init, jax.random.PRNGKey(0)))
+        self.param_specs = sharding.param_specs(self.param_shapes)
+        self.param_shardings = sharding.named(self.mesh, self.param_specs)
+        opt_shapes = jax.eval_shape(self.optimizer.init, self.param_shapes)
+        opt_specs = sharding.tree_specs_like_params(opt_shapes, self.param_shapes, self.param_specs)
+        self.shardings = TrainState(self.param_shardings, sharding.named(self.mesh, opt_specs),
+                                    NamedSharding(self.mesh, P()))
+        self._init = jax.jit(self._init_fn, out_shardings=self.shardings)
+        self._init_params = jax.jit(lambda rng: self._init_fn(rng).params, out_shardings=self.param_shardings)
+        self._opt_init = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,),
+                                 out_shardings=self.shardings.opt_state)
+        # a copy, never the caller's buffers: the train step donates its state
+        self._cast = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x).astype(self.param_dtype), p),
+                             in_shardings=(self.param_shardings,), out_shardings=self.param_shardings)
+        self._train_step = jax.jit(self._train_step_fn,
+                                   in_shardings=(self.shardings, self.batch_sharding(3), NamedSharding(self.mesh, P())),
+                                   out_shardings=(self.shardings, None), donate_argnums=(0,))
+        self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(self.param_shardings, self.batch_sharding(2)))
+
+    @property
+    def param_dtype(self):
+        return jnp.bfloat16 if self.cfg.early_cast else jnp.float32
 
     # ------------------------------------------------------------------ state and shardings
-    def state_shardings(self, state: TrainState) -> TrainState:
-        specs = sharding.param_specs(state.params)
-        opt_specs = sharding.tree_specs_like_params(state.opt_state, state.params, specs)
-        return TrainState(*sharding.named(self.mesh, (specs, opt_specs, P())))
+    def state_shardings(self, state: Optional[TrainState] = None) -> TrainState:
+        """NamedShardings of the TrainState (params, opt_state, step); the same for every state of this trainer."""
+        return self.shardings
+
+    def _init_fn(self, rng):
+        params = jax.tree.map(lambda x: x.astype(self.param_dtype), self.model.init(rng))
+        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
 
     def init_state(self, rng: jax.Array) -> TrainState:
-        params = jax.jit(self.model.init)(rng)
-        return self.state_from_params(params)
+        """A fresh TrainState, created on the mesh in its shardings (one jitted init of params and moments)."""
+        return self._init(rng)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        """Freshly initialised params alone, created on the mesh in their shardings."""
+        return self._init_params(rng)
+
+    def put_params(self, params: Any) -> Any:
+        """Params (host numpy or device arrays) on the mesh in the storage dtype, leaf by leaf: a host leaf goes
+        straight to its shards; device leaves are resharded where needed and then copied (cast) under jit, so the
+        result never shares buffers with the caller's arrays."""
+        def put(x, s):
+            if isinstance(x, jax.Array):
+                return x if x.sharding == s else jax.device_put(x, s)
+            return jax.device_put(np.asarray(x, self.param_dtype), s)
+        on_device = any(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+        placed = jax.tree.map(put, params, self.param_shardings)
+        return self._cast(placed) if on_device else placed
 
     def state_from_params(self, params: Any, opt_state: Any = None, step: int = 0) -> TrainState:
-        """A sharded TrainState from host or device params (fresh optimizer state unless one is given)."""
-        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16 if self.cfg.early_cast else jnp.float32), params)
+        """A sharded TrainState from host or device params (a fresh optimizer state unless one is given).
+
+        The params are placed (or copied, for device arrays the caller keeps, e.g. a STaR base model) on their
+        shardings; a fresh optimizer state is made by the jitted `optimizer.init` with the state's out_shardings;
+        a given one (host arrays from a checkpoint) goes leaf by leaf to its shardings."""
+        params = self.put_params(params)
         if opt_state is None:
-            opt_state = self.optimizer.init(params)
-        state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32))
-        return jax.device_put(state, self.state_shardings(state))
+            opt_state = self._opt_init(params)
+        else:
+            opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s), opt_state, self.shardings.opt_state)
+        return TrainState(params, opt_state, jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step))
+
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.mesh, sharding.batch_spec(ndim))
@@ -104,7 +170,7 @@ class Trainer:
     def _loss(self, params, inputs, targets, mask, z_loss):
         return self.model.loss(params, inputs, targets, mask, z_loss=z_loss)
 
-    def _train_step_fn(self, state: TrainState, batch: dict):
+    def _train_step_fn(self, state: TrainState, batch: dict, anneal_steps):
         inputs, targets, mask = split_batch(batch, self.use_mask)  # [GA, B, T]
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
@@ -119,19 +185,32 @@ class Trainer:
         ga = inputs.shape[0]
         grad_norm = optax.global_norm(grads) / ga  # norm of the mean gradient, before clipping
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        optimizer = make_optimizer(self.cfg, anneal_steps)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        schedule = gpt3_schedule(self.cfg.warmup_steps, anneal_steps, self.cfg.lr, self.cfg.end_lr)
         metrics = {"loss": loss_sum / ga, "ce": ce_sum / ga, "grad_norm": grad_norm,
-                   "lr": self.schedule(state.step), "tokens": tokens}
+                   "lr": schedule(state.step), "tokens": tokens}
         return TrainState(params, opt_state, state.step + 1), metrics
 
-    def train_step(self, state: TrainState, batch: dict):
-        if self._train_step is None:
-            shardings = self.state_shardings(state)
-            batch_shardings = {k: self.batch_sharding(3) for k in batch}
-            self._train_step = jax.jit(self._train_step_fn, in_shardings=(shardings, batch_shardings),
-                                       out_shardings=(shardings, None), donate_argnums=(0,))
-        return self._train_step(state, batch)
+    def train_step(self, state: TrainState, batch: dict, anneal_steps: Optional[int] = None):
+        """One optimizer step (asynchronous: the metrics are device scalars; read them when you need them).
+        anneal_steps: the schedule's horizon (default the config's anneal_steps)."""
+        anneal = self.cfg.anneal_steps if anneal_steps is None else anneal_steps
+        return self._train_step(state, batch, np.asarray(anneal, np.int32))
+
+    def lower_train_step(self, batch_shape: tuple) -> Any:
+        """The train step lowered on abstract shapes (nothing allocated), for memory analysis and AOT compiles.
+        batch_shape: (GA, B, T+1)."""
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             self.abstract_state(), self.shardings)
+        batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=self.batch_sharding(3))
+                 for k in (("tokens", "loss_mask") if self.use_mask else ("tokens",))}
+        return self._train_step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.int32))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes and dtypes of the TrainState, from eval_shape."""
+        return jax.eval_shape(self._init_fn, jax.random.PRNGKey(0))
 
     def _eval_step_fn(self, params, batch: dict):
         inputs, targets, mask = split_batch(batch, self.use_mask)
@@ -140,10 +219,6 @@ class Trainer:
 
     def eval_step(self, params: Any, batch: dict):
         """Loss without z-loss on tokens [B, T+1]."""
-        if self._eval_step is None:
-            specs = sharding.named(self.mesh, sharding.param_specs(params))
-            self._eval_step = jax.jit(self._eval_step_fn,
-                                      in_shardings=(specs, {k: self.batch_sharding(2) for k in batch}))
         return self._eval_step(params, batch)
 
 

@@ -13,6 +13,7 @@ without repeating or duplicating work.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from .flags import option
 from .verify import verify as verify_steps
 
 EOT = "<|endoftext|>"
@@ -32,17 +34,24 @@ GenerateFn = Callable[[Sequence[str], str, int, Sequence[str]], List[str]]
 
 @dataclasses.dataclass
 class PassOptions:
-    rationalize: bool = False
-    p_rationalization: float = 1.0
-    p_show_hint_save: float = 0.0
-    few_shot_train: bool = False
-    no_prompt: bool = False
-    direct: bool = False
-    gen_length: int = 96
+    """One pass's settings; the ones with help are also iteration_train.py flags (star/flags.py)."""
+    rationalize: bool = option(False, "retry wrong answers with the answer as a hint (the original: off)",
+                               action=argparse.BooleanOptionalAction)
+    p_rationalization: float = option(1.0, "share of wrong examples to rationalize", type=float)
+    p_show_hint_save: float = option(0.0, "share of rationalized examples saved WITH the hint (the original: 0; the "
+                                          "demo's tiny model otherwise unlearns using hints after one iteration)",
+                                     type=float)
+    few_shot_train: bool = option(False, "save the few-shot prompt in front of each training example",
+                                  action="store_true")
+    no_prompt: bool = option(False, "after iteration 1, generate without the few-shot prompt", action="store_true")
+    direct: bool = option(False, "answer directly, without rationales (the direct baseline)", action="store_true")
+    gen_length: int = option(96, "maximum new tokens per rationale", type=int)
     chunk_size: int = 64  # questions per generate call (and per flush to disk)
     seed: int = 0
-    verify: bool = False  # drop kept rationales whose checkable steps are wrong (star.verify)
-    n_samples: int = 1  # rationales sampled per question (use a temperature > 0); distinct correct ones are kept
+    verify: bool = option(False, "drop kept rationales whose checkable steps are wrong (arithmetic lines, GSM8K "
+                                 "<<a*b=c>> annotations)", flags=("--verify_rationales",), action="store_true")
+    n_samples: int = option(1, "rationales sampled per training question (with --temperature > 0); distinct correct "
+                               "ones are all kept", type=int)
     progress: bool = True
     desc: str = "generate"
 

@@ -8,7 +8,7 @@
 - a 2-iteration run on a slice of the real CommonsenseQA files with a random model: nothing is kept, both iterations
   are skipped with a message, the run completes and reports;
 - the arithmetic run SIGKILLed during generation, during training and during evaluation (test hook
-  STAR_TEST_KILL_AT in star/loop.py), rerun with the same command: rationales, training text, eval answers, metrics,
+  STAR_TEST_KILL_AT, read by the test driver's StarRun hooks), rerun with the same command: rationales, training text, eval answers, metrics,
   training losses and the fine-tuned weights equal the uninterrupted run's;
 - bad inputs: a malformed JSONL line, a missing prompt file, an unknown --task, a prompt longer than seq.
 
@@ -81,6 +81,9 @@ ARITH_ARGS = ["--task", "arithmetic", "--max_digits", "2", "--n_dev_per_digit", 
 # Answers half of the training questions (a + b even) and a third of the hinted retries with the reference
 # scratchpad; every other answer, and every dev answer, is the real model's.
 ORACLE_DRIVER = '''"""iteration_train.py with an oracle on the training questions (tests/test_star_loop.py)."""
+import logging
+import os
+import signal
 import sys
 
 sys.path.insert(0, {repo!r})
@@ -116,6 +119,30 @@ def generate(self, n, params):
 
 
 loop.StarRun.generate = generate
+
+# STAR_TEST_KILL_AT="generate" | "train" | "eval", optionally ":N" for iteration N (default 1): SIGKILL right after
+# the first chunk of that iteration's rationales (generate) or dev answers (eval) is on disk, or at the first training
+# step after a checkpoint of that iteration was committed (train), through StarRun's hooks.
+_want, _, _at = os.environ.get("STAR_TEST_KILL_AT", "").partition(":")
+
+
+def _kill():
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def on_chunk(self, stage, n):
+    if stage == _want and n == int(_at or 1):
+        _kill()
+
+
+def on_train_step(self, n, step, ckpt_dir):
+    if _want == "train" and n == int(_at or 1) and os.path.exists(os.path.join(ckpt_dir, "meta.json")):
+        _kill()
+
+
+loop.StarRun.on_chunk = on_chunk
+loop.StarRun.on_train_step = on_train_step
 sys.exit(run_main(iteration_train.main))
 '''
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 
 EOT = "<|endoftext|>"
 SPLITS = ("train", "dev")
+REPO = pathlib.Path(__file__).resolve().parents[2]  # the checkout: configs/ and assets/ of the task presets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TaskBase:
     folder = "?"                   # sub-folder of the data dir, as in the original repository
     stop: tuple[str, ...] = ("\n\n",)
     default_gen_length = 96
+    loop_preset: dict = {}         # iteration_train.py's defaults for this task (flag dest -> value)
 
     def __init__(self, data_dir: str | os.PathLike | None = None):
         self.data_dir = resolve_data_dir(data_dir)

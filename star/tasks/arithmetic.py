@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import re
 
-from star.tasks import EOT, Example, TaskBase
+from star.tasks import EOT, REPO, Example, TaskBase
 
 def spaced(n: int | str) -> str:
     return " ".join(str(n))
@@ -82,6 +82,22 @@ def _scratch_end(lines: list[str]) -> int | None:
 class Arithmetic(TaskBase):
     name = "arithmetic"
     stop = ("\n\n",)           # exemplars are separated by a blank line; the kept text ends at the answer line
+    # iteration_train.py's defaults for this task: the CPU demo (docs/RESULTS.md says how each was chosen)
+    loop_preset = dict(
+        config=str(REPO / "configs" / "star_arithmetic_tiny.json"),
+        base_model_location=str(REPO / "assets" / "arithmetic_base"),
+        out_dir="runs/star_arithmetic", rationalize=True, n_iters=5, n_train_samples=900,
+        gen_length=120, gradient_accumulation_steps=1, steady_grow=False,
+        start_steps=60, add_steps=20, eval_batch_size=100,
+        # epoch mode: steps = kept * epochs / 40 (40 ~ examples per step of the demo config)
+        base_epochs=3.0, add_epochs=0.5, sequence_count=40, p_show_hint_save=0.3,
+        # the tiny model keeps what it learned: each fine-tune continues the previous iteration's model and
+        # replays 300 examples of the base's pretraining data (BASE/pretrain_pairs.jsonl, when the base has one),
+        # so it does not forget what it knew
+        finetune_from="previous", replay_n=300,
+        # each fine-tune's learning rate decays to end_lr over its own steps: the tiny model ends each iteration
+        # on small steps instead of at the peak rate (docs/RESULTS.md, loop settings)
+        anneal_each_finetune=True)
 
     def __init__(self, data_dir=None, min_digits: int = 1, max_digits: int = 5, n_train: int = 10_000,
                  n_dev: int = 200, n_exemplars: int = 10, seed: int = 0):
