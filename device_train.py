@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation (default: 0)")
     p.add_argument("--total-steps", type=int, default=None, help="override the config's total_steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs and metrics JSONL still written)")
+    from mesh_transformer import wandb_log
+    wandb_log.add_flags(p)
     return p.parse_args(argv)
 
 
@@ -39,9 +41,15 @@ def main(argv=None) -> int:
     from mesh_transformer.config import load_config
     cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
 
+    from mesh_transformer import wandb_log
     from mesh_transformer.finetune import RunOptions, train
-    state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
-                                  total_steps=args.total_steps, progress=not args.no_progress))
+    wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir, cfg.name,
+                        {"argv": sys.argv[1:] if argv is None else list(argv)})
+    try:
+        state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
+                                      total_steps=args.total_steps, progress=not args.no_progress))
+    finally:
+        wandb_log.finish()
     logging.getLogger("device_train").info("done at step %d", int(state.step))
     return 0
 

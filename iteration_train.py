@@ -62,6 +62,8 @@ def parse_args(argv=None):
            "taught nothing and made the 40 held-out ones drift (docs/RESULTS.md, loop settings). 1-digit sums stay "
            "in dev, as the check that nothing is forgotten")
     add_flags(p, StarOptions, presets)
+    from mesh_transformer import wandb_log
+    wandb_log.add_flags(p)
     args = p.parse_args(argv)
     args.task = TASK_ALIASES.get(args.task or "arithmetic", args.task or "arithmetic")
     if args.task not in TASKS:
@@ -125,7 +127,14 @@ def main(argv=None):
                          GenerationSettings(temperature=opts.temperature, batch_size=opts.eval_batch_size,
                                             seed=opts.seed), progress=opts.progress,
                          anneal_per_finetune=opts.anneal_each_finetune)
-    rows = StarRun(opts, task, backend).run()
+    from mesh_transformer import wandb_log
+    wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir,
+                        f"star_{args.task}_{os.path.basename(os.path.normpath(opts.out_dir))}", _jsonable(vars(args)))
+    try:
+        rows = _logged(StarRun)(opts, task, backend).run()
+        wandb_log.log_files([os.path.join(opts.out_dir, f) for f in ("results.md", "accuracy.png", "results.json")])
+    finally:
+        wandb_log.finish()
     report = os.path.join(opts.out_dir, "results.md")
     if opts.dry_run or not os.path.exists(report):
         logging.getLogger("star").info("done: %d iterations (no report: nothing was run)", len(rows))
@@ -133,6 +142,22 @@ def main(argv=None):
     logging.getLogger("star").info("done: %d iterations; see %s", len(rows), report)
     with open(report) as f:
         print(f.read())
+
+
+def _logged(run_class):
+    """StarRun that also sends each finished iteration's results row to W&B (when --wandb-mode turns it on)."""
+    from mesh_transformer import wandb_log
+
+    class LoggedRun(run_class):
+        def _save(self, rows: dict) -> None:
+            super()._save(rows)
+            logged = self.__dict__.setdefault("_wandb_logged", set())
+            for n in sorted(rows):
+                if n not in logged and (n == 0 or rows[n].get("complete")):
+                    wandb_log.log_iteration(rows[n])
+                    logged.add(n)
+
+    return LoggedRun if wandb_log.enabled() else run_class
 
 
 def _jsonable(options: dict) -> dict:
