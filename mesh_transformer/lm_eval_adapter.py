@@ -51,8 +51,9 @@ def _score_impl(model, params, tokens, targets):
 class MeshTransformerLM(TemplateLM):
     """lm-eval model over a `Sampler` (model, params on a ('dp','mp') mesh) and one of our tokenizers.
 
-    Built by eval_harness.py, or by lm-eval's own CLI as `--model mesh_transformer --model_args
-    hf=/path/gptj,batch_size=8` (any flag of mesh_transformer.loading.add_model_flags as a key)."""
+    Built by eval_harness.py; or, once this module is imported, by name through lm-eval's registry:
+    `lm_eval.simple_evaluate(model="mesh_transformer", model_args="hf=/path/gptj,batch_size=8", ...)` (keys: the
+    flags of mesh_transformer.loading.add_model_flags, batch_size, max_gen_toks, max_length)."""
 
     def __init__(self, sampler: Sampler, tokenizer: Any, batch_size: int = 8, max_gen_toks: int = 256,
                  max_length: Optional[int] = None):
