@@ -71,13 +71,16 @@ def main(argv=None) -> int:
 
     if args.include_path and not os.path.isdir(args.include_path):
         raise FileNotFoundError(f"--include-path {args.include_path} is not a folder of task YAMLs")
-    task_manager = TaskManager(include_path=args.include_path)
     tasks = args.tasks
     if tasks is None and args.config and not args.hf:
         from mesh_transformer.config import load_config
         configured = load_config(args.config).eval_harness_tasks
         tasks = ",".join(configured) if configured else None
     names = [t.strip() for t in (tasks or README_TASKS).split(",") if t.strip()]
+    # lm-eval's own task index (thousands of YAMLs) takes seconds to build: only when a task is not a local one
+    task_manager = TaskManager(include_path=args.include_path, include_defaults=False) if args.include_path else None
+    if task_manager is None or any(t not in task_manager.all_tasks for t in names):
+        task_manager = TaskManager(include_path=args.include_path)
     unknown = [t for t in names if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; names are lm-eval's (e.g. {README_TASKS}); "

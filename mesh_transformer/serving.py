@@ -272,8 +272,19 @@ def make_app(engine: BatchEngine, model_name: str = "gptj", complete_max_tokens:
         return error(422, f"field '{where}': {msg}" + (f" ({len(errs) - 1} more)" if len(errs) > 1 else ""),
                      param=field)
 
+    class Untokenizable(ValueError):
+        pass
+
     def encode(text: str) -> List[int]:
-        return list(tok.encode(text)) or [tok.eos_token_id]  # an empty prompt is conditioned on EOS
+        try:
+            ids = list(tok.encode(text))
+        except Exception as e:  # e.g. a lone surrogate ("\ud800") has no UTF-8 form
+            raise Untokenizable(f"the prompt cannot be tokenized ({type(e).__name__}: {e})") from None
+        return ids or [tok.eos_token_id]  # an empty prompt is conditioned on EOS
+
+    @app.exception_handler(Untokenizable)
+    async def untokenizable(request: Request, exc: Untokenizable):
+        return error(400, str(exc), param="prompt")
 
     async def run(request: Request, rows: List[RowRequest]):
         try:

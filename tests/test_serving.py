@@ -129,6 +129,7 @@ BAD = [  # (name, method, path, body (json-able, or bytes sent as is), expected 
     ("empty body", "POST", P, b"", 400, "JSON"),
     ("JSON array", "POST", P, [1, 2], 400, "JSON"),
     ("invalid UTF-8", "POST", P, b"{\"prompt\": \"\xff\xfe\"}", 400, "JSON"),
+    ("lone surrogate in prompt", "POST", P, b'{"prompt": "a\\ud800b"}', 400, "cannot be tokenized"),
     ("prompt missing", "POST", P, {"max_tokens": 3}, 422, "prompt"),
     ("prompt a number", "POST", P, {"prompt": 123}, 422, "prompt"),
     ("prompt list of numbers", "POST", P, {"prompt": [1, 2]}, 422, "prompt"),
