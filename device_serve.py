@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     print(f"serving {name} on http://{args.host}:{args.port} (POST /complete, POST /v1/completions, GET /health)",
           file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5, access_log=False)
     finally:
         engine.shutdown()
     return 0

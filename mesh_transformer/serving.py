@@ -405,7 +405,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, access_log=False,
                                                     limit_concurrency=1000))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
