@@ -1,7 +1,8 @@
 """lm-eval parity: eval_harness.py's model (mesh_transformer/lm_eval_adapter.py) against lm-eval's own `hf` model
 (HFLM on GPTJForCausalLM, fp32), on one tiny random GPT-J saved as an HF folder with a small byte-level BPE tokenizer
 trained here. Four local tasks (lm-eval YAMLs over JSONL files written to a temp dir; nothing is downloaded):
-multiple choice, a LAMBADA-style last word, generate_until, and loglikelihood_rolling over documents longer than
+multiple choice, a LAMBADA-style last word (half the words are HF's own greedy continuation, so accuracy is not a
+trivial 0), generate_until, and loglikelihood_rolling over documents longer than
 the model's seq (so the rolling windows are used). Same per-request log-likelihoods (|diff| < 1e-4), same
 accuracies, the same generated text.
 """
@@ -34,7 +35,29 @@ def _sentences(rs, n, lo, hi):
     return [" ".join(rs.choice(WORDS, rs.randint(lo, hi))) for _ in range(n)]
 
 
-def _write_tasks(folder, rs):
+def _last_words(hf_dir, tok, contexts):
+    """LAMBADA-style (context, last word) pairs; for every other context the word is HF's greedy continuation
+    (2 tokens, kept when it tokenizes back to those tokens), so some answers are right and accuracy is not 0."""
+    import transformers
+
+    hf = transformers.GPTJForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    out = []
+    for i, ctx in enumerate(contexts):
+        word = " " + ctx.split(" ")[-1]
+        ctx = " ".join(ctx.split(" ")[:-1])
+        if i % 2 == 0:
+            ids = torch.tensor([tok.encode(ctx)])
+            with torch.no_grad():
+                new = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=2,
+                                  min_new_tokens=2, pad_token_id=0)[0, ids.shape[1]:].tolist()
+            greedy = tok.decode(new)
+            if tok.encode(ctx + greedy) == tok.encode(ctx) + new and "\ufffd" not in greedy:
+                word = greedy
+        out.append({"text": ctx, "target": word})
+    return out
+
+
+def _write_tasks(folder, rs, hf_dir, tok):
     """Four task YAMLs over JSONL files in `folder`."""
     def jsonl(name, rows):
         path = folder / f"{name}.jsonl"
@@ -43,7 +66,7 @@ def _write_tasks(folder, rs):
 
     mc = [{"question": q, "choices": list(rs.choice(WORDS, 3, replace=False)), "label": int(rs.randint(3))}
           for q in _sentences(rs, 12, 3, 8)]
-    lam = [{"text": t} for t in _sentences(rs, 12, 4, 10)]
+    lam = _last_words(hf_dir, tok, _sentences(rs, 12, 4, 10))
     gen = [{"question": q, "answer": str(rs.choice(WORDS))} for q in _sentences(rs, 6, 2, 6)]
     # 40-60 words: 100+ tokens, more than SEQ, so several rolling windows per document
     roll = [{"text": t} for t in _sentences(rs, 4, 40, 60)] + [{"text": "a short one"}]
@@ -53,8 +76,7 @@ def _write_tasks(folder, rs):
                          "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
                          "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
         "local_lambada": (lam, "output_type: loglikelihood\n"
-                               "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
-                               "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+                               "doc_to_text: \"{{text}}\"\ndoc_to_target: \"{{target}}\"\n"
                                "metric_list:\n  - metric: perplexity\n  - metric: acc\n"),
         "local_gen": (gen, "output_type: generate_until\ndoc_to_text: \"Q: {{question}}\\nA:\"\n"
                            "doc_to_target: \" {{answer}}\"\n"
@@ -105,7 +127,7 @@ def setup(tmp_path_factory):
     save_hf_gptj(cfg, params, str(hf_dir), eos_token_id=0)
     tasks_dir = root / "tasks"
     tasks_dir.mkdir()
-    names = _write_tasks(tasks_dir, rs)
+    names = _write_tasks(tasks_dir, rs, str(hf_dir), tok)
     return dict(hf_dir=str(hf_dir), tasks_dir=str(tasks_dir), names=names, root=root)
 
 
