@@ -302,6 +302,9 @@ def make_app(engine: BatchEngine, model_name: str = "gptj", complete_max_tokens:
                     f.cancel()
                 engine.stats["client_gone"] += 1
                 return error(499, "client went away or the request timed out")
+        if await request.is_disconnected():  # answered too late: nobody to send it to
+            engine.stats["client_gone"] += 1
+            return error(499, "client went away")
         try:
             return [f.result() for f in waiting]
         except Exception as e:
