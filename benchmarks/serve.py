@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,8,64", help="comma-separated numbers of concurrent clients")
-    p.add_argument("--requests-per-level", type=int, default=256, help="requests sent at each level (split "
+    p.add_argument("--requests-per-level", type=int, default=512, help="requests sent at each level (split "
                                                                        "evenly over its clients; at least 1 each)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (greedy)")
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")

@@ -6,7 +6,8 @@ Two parts:
     split into rows (one per prompt) in a bounded queue; the worker takes the first waiting row, gathers more for at
     most `wait_ms` milliseconds or until `max_batch` rows, and runs them as one sampler batch (rows with the same stop
     strings share a call; each row keeps its own temperature, top-k, top-p, seed and max_tokens). Each arrival
-    restarts the wait, up to 4 x `wait_ms` in all. Under load the
+    restarts the wait, up to 4 x `wait_ms` in all; while the clients of the last batch are expected back, up to
+    10 x `wait_ms`. Under load the
     batches fill up, so throughput grows with the number of clients; alone, a request waits only `wait_ms`.
   * `make_app`: a FastAPI app with the original's `POST /complete` ({context, top_p, temp} -> {completion}), an
     OpenAI-style `POST /v1/completions` and `GET /health`. Bad requests get 400/422 with the field named; a full
@@ -74,6 +75,7 @@ class BatchEngine:
         self._rows: collections.deque = collections.deque()  # (RowRequest, Future)
         self._cond = threading.Condition()
         self._stop = False
+        self._expect = 1  # rows the next batch should wait for (see _gather)
         self.stats = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
@@ -111,8 +113,11 @@ class BatchEngine:
             if self._stop:
                 return []
             batch = [self._rows.popleft()]
-            # wait up to wait_s for the next row; each arrival restarts that wait (requests of many clients come
-            # in as a stream, parsed one by one), but never past 4 x wait_s from the first row
+            # Wait up to wait_s for the next row; each arrival restarts that wait (requests of many clients come
+            # in as a stream, parsed one by one), never past 4 x wait_s from the first row. And while fewer rows
+            # are here than `_expect` (the rows that waited through the last batch + that batch's own clients,
+            # who are about to send their next requests), wait for those, up to 10 x wait_s: without this, clients
+            # split into cohorts that alternate, each a part-full batch.
             start = time.monotonic()
             deadline = start + self.wait_s
             while len(batch) < self.max_batch:
@@ -120,7 +125,8 @@ class BatchEngine:
                     batch.append(self._rows.popleft())
                     deadline = min(time.monotonic() + self.wait_s, start + 4 * self.wait_s)
                     continue
-                left = deadline - time.monotonic()
+                until = start + 10 * self.wait_s if len(batch) < self._expect else deadline
+                left = until - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -147,6 +153,8 @@ class BatchEngine:
                     for _, fut in items:
                         fut.set_exception(e)
                     continue
+                with self._cond:  # before the answers go out: who waited through this batch, + its clients
+                    self._expect = min(self.max_batch, len(self._rows) + len(items))
                 for (_, fut), res in zip(items, results):
                     fut.set_result(res)
                 self.stats["rows"] += len(items)
