@@ -38,7 +38,9 @@ def parse_args(argv=None):
     a("--max-queue", type=int, default=100, help="rows waiting at most; beyond, requests get 503 with Retry-After "
                                                  "(default: 100, the original's queue limit)")
     a("--batch-wait-ms", type=float, default=5.0, help="how long the first waiting request waits for others to "
-                                                       "share its batch (default: 5 ms)")
+                                                       "share its batch (default: 5 ms; each arrival restarts the "
+                                                       "wait, up to 4x in all, and up to 10x while the clients of "
+                                                       "the last batch are expected back)")
     a("--complete-max-tokens", type=int, default=512, help="new tokens of a /complete answer (original: 512)")
     a("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
     a("--cors", action="store_true", help="allow browser pages of any origin to call the server (the original "

@@ -227,3 +227,42 @@ def test_cli_help_and_errors(capsys):
     assert device_serve.parse_args([]).host == "127.0.0.1" and device_serve.parse_args([]).port == 5000
     assert run_main(device_serve.main, ["--config", "tiny", "--max-batch", "0"]) == 1
     assert "error: --max-batch" in capsys.readouterr().err
+
+
+def test_device_serve_cli_serves_and_stops(tmp_path):
+    """The real CLI in a subprocess: up, one completion, /health, then terminated (killed if it hangs)."""
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO, cli_env
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY, "seq": 64}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "device_serve.py"), "--config", str(config), "--port",
+                             str(port), "--max-batch", "4"], cwd=str(REPO), env=cli_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end, "device_serve.py did not come up"
+            time.sleep(0.3)
+        r = httpx.post(f"{url}/complete", json={"context": "hi", "top_p": 0.9, "temp": 0.0}, timeout=60)
+        assert r.status_code == 200 and isinstance(r.json()["completion"], str)
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "RANDOMLY INITIALISED" in out and "serving" in out
