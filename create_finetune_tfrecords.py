@@ -7,11 +7,11 @@ tfrecord_utils.build.build_tfrecords.
         --seq-len 1536 --loss-mask completion
 """
 import argparse
-import logging
 import sys
 
-from mesh_transformer.tokenizer import TokenizerError
-from tfrecord_utils.build import ACCEPTED_EXTENSIONS, LOSS_MASK_MODES, InputError, build_tfrecords
+from mesh_transformer import run_lock
+from mesh_transformer.cli_util import ERRORS_EPILOG, check_output_dir, remove_if_empty, run_main, setup_logging
+from tfrecord_utils.build import ACCEPTED_EXTENSIONS, LOSS_MASK_MODES, build_tfrecords
 
 DESCRIPTION = f"""\
 Convert a text dataset into the training data format the model expects.
@@ -25,11 +25,14 @@ sequences of --seq-len + 1 tokens (the trailing partial sequence is dropped), an
 
 Output, in --output-dir: {{name}}_{{n_sequences}}.tfrecords (one tf.train.Example per sequence: int64 feature
 "text", and "loss_mask" with --loss-mask completion) and {{name}}.index listing it (the loader reads the index).
+The output folder is checked (created, writable) before any input is read, and one process at a time writes a
+given name there ({{name}}.lock).
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=ERRORS_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input_path", help="an input file, or a folder holding the input files (see above)")
     p.add_argument("name", help="output name: writes {name}_{n_sequences}.tfrecords and {name}.index")
     p.add_argument("--output-dir", default="", help="output folder, created if missing; a gs:// URL works too "
@@ -78,19 +81,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
+    output_dir = args.output_dir or "."
+    # the destination first: an unusable output folder fails before the corpus is read and tokenized
+    existed = check_output_dir(output_dir, "--output-dir")
     try:
+        _build(args, output_dir)
+    except BaseException:
+        if not existed:  # nothing half-made is left behind: not even the folder
+            remove_if_empty(output_dir)
+        raise
+    return 0
+
+
+def _build(args, output_dir: str) -> None:
+    with run_lock.acquire(output_dir, owner="create_finetune_tfrecords.py",
+                          what=f"output {args.name} in --output-dir {output_dir}", name=f"{args.name}.lock"):
         build_tfrecords(args.input_path, args.name, args.output_dir, seq_len=args.seq_len, tokenizer=args.tokenizer,
                         loss_mask=args.loss_mask, normalize_with_ftfy=args.normalize_with_ftfy,
                         normalize_with_wikitext_detokenize=args.normalize_with_wikitext_detokenize,
                         min_unique_tokens=args.min_unique_tokens, n_repack_epochs=args.n_repack_epochs,
                         seed=args.seed, preserve_data_order=args.preserve_data_order,
                         treat_eot_as_text=args.treat_eot_as_text, verbose=args.verbose)
-    except (InputError, TokenizerError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -3,6 +3,10 @@ training text of the correct (and rationalized) answers. The standalone form of 
 with ezelikman/STaR's `device_inference.py` flags.
 
   python device_inference.py --config run/iter_01.json --split dev --dataset_mode cqa --data-dir ../shared/data/star
+
+The answers file is resumed by a rerun, but only by the same checkpoint (path and step), config and flags: they are
+recorded beside it (<out>.identity.json); another checkpoint's answers are refused (--force-new answers anew). One
+process writes an answers file at a time (<out>.lock).
 """
 import argparse
 import json
@@ -12,7 +16,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -37,14 +41,60 @@ def parse_args(argv=None):
     a("--out", default=None, help="JSONL of every answer (default: <split>_answers.jsonl beside target_save "
                                   "or in the current folder)")
     a("--seed", type=int, default=0, help="seed of the train sample and of the rationalization coin flips")
-    return p.parse_args(argv)
+    a("--force-new", action="store_true",
+      help="the answers file was written by another checkpoint or other settings: delete it and answer anew")
+    a("--resume-anyway", action="store_true",
+      help="resume the answers file although it was written with other settings (recorded in its identity file)")
+    add_compile_cache_flag(p)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--n_train_samples": fc.at_least(1), "--gen_length": fc.at_least(1),
+                    "--eval_batch_size": fc.at_least(1), "--p_show_hint_save": fc.share(),
+                    "--p_rationalization": fc.share(), "--ckpt_step": fc.at_least(0, also=(-1,)),
+                    "--eval_seq": fc.at_least(1, also=(-1,))}, "device_inference.py")
+    return args
+
+
+def answers_fields(args, cfg, ckpt_path: str, step: int) -> dict:
+    """What defines an answers file: the checkpoint (path and step), the model config and every flag that changes
+    the answers."""
+    from mesh_transformer import run_identity
+    fields = run_identity.config_fields(cfg)
+    path = ckpt_path if "://" in ckpt_path else os.path.abspath(ckpt_path)
+    flags = {k: getattr(args, k) for k in ("split", "dataset_mode", "data_dir", "direct", "rationalize", "no_prompt",
+                                           "few_shot_train", "gen_length", "p_show_hint_save", "p_rationalization",
+                                           "seed", "eval_seq")}
+    if args.split == "train":
+        flags["n_train_samples"] = args.n_train_samples
+    return {"checkpoint": {"path": path.rstrip("/"), "step": int(step)},
+            "config_hash": run_identity.config_hash(fields), "config": fields, "flags": flags}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
+    from mesh_transformer import run_lock
+    from mesh_transformer.cli_util import check_output_dir
+    from mesh_transformer.config import load_config
+
+    # the destinations first: nothing is loaded before we know the answers can be written, by this process alone
+    cfg_for_paths = load_config(args.config)
+    target_dir = os.path.dirname(cfg_for_paths.target_save) if cfg_for_paths.target_save else "."
+    out = args.out or os.path.join(target_dir, f"{args.split}_answers.jsonl")
+    out_dir = os.path.dirname(out) or "."
+    check_output_dir(out_dir, "--out folder" if args.out else "answers folder")  # the lock below creates it
+    if args.split == "train" and cfg_for_paths.target_save:
+        check_output_dir(os.path.dirname(cfg_for_paths.target_save) or ".", "config target_save folder")
+    with run_lock.acquire(out_dir, owner="device_inference.py", what=f"answers file {out}",
+                          name=os.path.basename(out) + ".lock"):
+        _answer(args, out, out_dir)
+
+
+def _answer(args, out: str, out_dir: str) -> None:
     from mesh_transformer import checkpoint as ckpt
+    from mesh_transformer import run_identity
     from mesh_transformer.config import load_config
     from star.backend import GenerationSettings, JaxBackend
     from star.rationales import PassOptions, accuracy_by_class, run_pass, summarize, training_text
@@ -62,6 +112,12 @@ def main(argv=None):
     step = None if args.ckpt_step < 0 else args.ckpt_step
     params, _, loaded_step, _ = ckpt.load_checkpoint(ckpt_path, cfg, step=step, with_opt=False)
     logging.info("loaded %s step %d", ckpt_path, loaded_step)
+    # an answers file belongs to one checkpoint and one set of flags: another one's answers are never resumed
+    run_identity.check_identity(out_dir, "answers", answers_fields(args, cfg, ckpt_path, loaded_step),
+                                what="answers file", force_new=args.force_new, resume_anyway=args.resume_anyway,
+                                has_outputs=lambda: os.path.exists(out),
+                                clear=lambda: os.path.exists(out) and os.remove(out), adopt_unrecorded=False,
+                                name=os.path.basename(out) + ".identity.json", where=out)
 
     examples = task.load(args.split)
     if args.split == "train":
@@ -74,8 +130,6 @@ def main(argv=None):
                        p_show_hint_save=args.p_show_hint_save, few_shot_train=args.few_shot_train,
                        no_prompt=args.no_prompt, direct=args.direct, gen_length=args.gen_length,
                        chunk_size=args.eval_batch_size, seed=args.seed, desc=args.split)
-    target_dir = os.path.dirname(cfg.target_save) if cfg.target_save else "."
-    out = args.out or os.path.join(target_dir, f"{args.split}_answers.jsonl")
     records = run_pass(task, examples, backend.generate_fn(params), opts, out)
     if args.split == "train" and cfg.target_save:
         by_id = {ex.id: ex for ex in examples}

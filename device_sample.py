@@ -15,7 +15,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -35,7 +35,14 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="sampling seed: the same seed and flags give the same samples")
     a("--jsonl", action="store_true", help="print one JSON object per sample ({prompt, sample, completion}) "
                                            "instead of text")
-    return p.parse_args(argv)
+    add_compile_cache_flag(p)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--ckpt-step": fc.at_least(0), "--max-new-tokens": fc.at_least(1), "--temperature": fc.at_least(0),
+                    "--top-p": fc.Range(lo=0, hi=1, lo_open=True), "--top-k": fc.at_least(0),
+                    "--num-samples": fc.at_least(1), "--batch-size": fc.at_least(1),
+                    "--cores-per-replica": fc.at_least(1)}, "device_sample.py")
+    return args
 
 
 def read_prompts(args) -> list:
@@ -54,8 +61,9 @@ def read_prompts(args) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     from mesh_transformer.loading import sampler_from_args
 
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.batch_size < 1:

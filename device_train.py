@@ -5,15 +5,23 @@
 Where it starts: from the config's checkpoint folder (gs://{bucket}/{model_dir}, or model_dir as a local path or URL
 when bucket is empty) when that holds a checkpoint - an interrupted run resumes exactly, loader position included;
 else from --tune-model-path (the LR schedule restarts at step 0); else from a random initialisation (--seed).
-It checkpoints every ckpt_every steps and at the end, validates every val_every steps on each val_set, and appends
+Before it loads anything it checks that the train step fits the devices' memory (XLA's analysis of the step compiled
+on abstract shapes; `python -m mesh_transformer.memory` prints the figures), and stops naming the knobs to turn if
+not. It checkpoints every ckpt_every steps and at the end, validates every val_every steps on each val_set, and appends
 one JSON line per step (loss, lr, grad_norm, tokens_per_s, mfu, val losses) to {model_dir}/metrics.jsonl, or to
 ./logs/{name}.metrics.jsonl when model_dir is a gs:// URL.
+
+One run owns a model_dir: a second writer stops at once naming the holder (run.lock). The folder records what
+defines its results (run_identity.json: config, start checkpoint, code version); a rerun with other settings
+refuses and lists the differences (--force-new / --resume-anyway). A non-finite loss or grad norm stops training
+before the next checkpoint; a damaged latest step falls back to the newest one that loads.
 """
 import argparse
 import logging
 import sys
 
-from mesh_transformer.cli_util import ERRORS_EPILOG, run_main, setup_logging
+from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, run_main, setup_compile_cache,
+                                      setup_logging)
 
 
 def parse_args(argv=None):
@@ -30,9 +38,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation (default: 0)")
     p.add_argument("--total-steps", type=int, default=None, help="override the config's total_steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs and metrics JSONL still written)")
+    p.add_argument("--force-new", action="store_true",
+                   help="the model_dir holds a run with other settings (run_identity.json): delete its steps, "
+                        "meta.json and metrics and start over there")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume the model_dir's run although its recorded settings differ (the difference is "
+                        "appended to run_identity.json)")
+    p.add_argument("--recover-meta", action="store_true",
+                   help="the model_dir has step folders but no readable meta.json: rebuild meta.json from the "
+                        "complete steps (loader position replayed) and resume from the newest")
+    add_compile_cache_flag(p)
     from mesh_transformer import wandb_log
     wandb_log.add_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--total-steps": fc.at_least(0)}, "device_train.py")
+    return args
 
 
 def main(argv=None) -> int:
@@ -40,6 +61,7 @@ def main(argv=None) -> int:
     setup_logging()
     from mesh_transformer.config import load_config
     cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
+    setup_compile_cache(args.compile_cache)
 
     from mesh_transformer import wandb_log
     from mesh_transformer.finetune import RunOptions, train
@@ -47,7 +69,9 @@ def main(argv=None) -> int:
                         {"argv": sys.argv[1:] if argv is None else list(argv)})
     try:
         state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
-                                      total_steps=args.total_steps, progress=not args.no_progress))
+                                      total_steps=args.total_steps, progress=not args.no_progress, memory_check=True,
+                                      force_new=args.force_new, resume_anyway=args.resume_anyway,
+                                      recover_meta=args.recover_meta))
     finally:
         wandb_log.finish()
     logging.getLogger("device_train").info("done at step %d", int(state.step))

@@ -35,7 +35,10 @@ def parse_args(argv=None):
                         "cores_per_replica (1 without --base-config)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the written params (default: fp32; training casts them to fp32 anyway)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--shards": fc.at_least(1)}, "from_hf_weights.py")
+    return args
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,7 @@ def _presets() -> dict:
 
 
 def parse_args(argv=None):
-    from mesh_transformer.cli_util import ERRORS_EPILOG
+    from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
     from star.flags import add_flags, build, flat
     from star.loop import StarOptions
 
@@ -62,6 +62,11 @@ def parse_args(argv=None):
            "taught nothing and made the 40 held-out ones drift (docs/RESULTS.md, loop settings). 1-digit sums stay "
            "in dev, as the check that nothing is forgotten")
     add_flags(p, StarOptions, presets)
+    add_compile_cache_flag(p)
+    a("--force-new", dest="force_new", action="store_true",
+      help="--out-dir holds a run with other settings (run_identity.json): delete its contents and start over")
+    a("--resume-anyway", dest="resume_anyway", action="store_true",
+      help="continue the --out-dir run with other settings (the difference is recorded in run_identity.json)")
     from mesh_transformer import wandb_log
     wandb_log.add_flags(p)
     args = p.parse_args(argv)
@@ -97,23 +102,33 @@ def parse_args(argv=None):
         else:
             opts.replay_n = 0
     vars(args).update(flat(opts))  # the namespace holds the resolved values too, as every flag's reader expects
+    from star.experiment_guard import check_flags
+    check_flags(args)  # ranges of the numeric flags, e.g. --p_rationalization in [0, 1]
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mesh_transformer.cli_util import setup_logging
+    from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     from mesh_transformer.config import load_config
-    from star.backend import GenerationSettings, JaxBackend
-    from star.loop import StarRun
-    from star.tasks import get_task
+    from star.experiment_guard import open_experiment
 
     opts = args.options
     cfg = load_config(args.config)
     if args.tokenizer:
         cfg = cfg.replace(tokenizer=args.tokenizer)
     cfg = cfg.replace(gradient_accumulation_steps=opts.gradient_accumulation_steps)
+    with open_experiment(args, cfg):  # the folder's lock and run identity, before anything is written there
+        return _run(args, argv, cfg, opts)
+
+
+def _run(args, argv, cfg, opts):
+    from star.backend import GenerationSettings, JaxBackend
+    from star.loop import StarRun
+    from star.tasks import get_task
+
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
         json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "options": _jsonable(vars(args)),
@@ -130,8 +145,15 @@ def main(argv=None):
     from mesh_transformer import wandb_log
     wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir,
                         f"star_{args.task}_{os.path.basename(os.path.normpath(opts.out_dir))}", _jsonable(vars(args)))
+    run = _logged(StarRun)(opts, task, backend)  # after configure: it logs only when W&B is on
+    if not opts.dry_run:  # a generation batch: the few-shot prefix, the longest of 200 questions, gen_length new
+        tok = backend.tokenizer
+        prefix = len(tok.encode(task.few_shot_prompt(hint=False, direct=opts.generation.direct)))
+        longest = max([len(tok.encode(task.format_question(ex, hint=opts.generation.rationalize)))
+                       for ex in run.train_examples[:200]] or [1])
+        backend.check_memory(opts.eval_batch_size, prefix, longest, opts.generation.gen_length)
     try:
-        rows = _logged(StarRun)(opts, task, backend).run()
+        rows = run.run()
         wandb_log.log_files([os.path.join(opts.out_dir, f) for f in ("results.md", "accuracy.png", "results.json")])
     finally:
         wandb_log.finish()

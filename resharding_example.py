@@ -6,10 +6,14 @@ local devices, whatever their number (one GPU, a CPU), and sample from it. mesh-
       --prompt "EleutherAI is"
 """
 import argparse
+import sys
+
+from mesh_transformer.cli_util import ERRORS_EPILOG, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=ERRORS_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/6B_roto_256.json", help="model config of the checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder: holds meta.json, or is a step_N/ folder")
     p.add_argument("--cores-per-replica", type=int, default=None,
@@ -20,7 +24,12 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--tokenizer", default=None, help="override the config's tokenizer (byte, gpt2 or a folder)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--cores-per-replica": fc.at_least(1), "--max-new-tokens": fc.at_least(1),
+                    "--temperature": fc.at_least(0), "--top-p": fc.Range(lo=0, hi=1, lo_open=True)},
+             "resharding_example.py")
+    return args
 
 
 def main(argv=None):
@@ -49,7 +58,8 @@ def main(argv=None):
     out = sampler.generate([args.prompt], get_tokenizer(cfg.tokenizer), max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, stop=(), seed=args.seed, batch_size=1)
     print(args.prompt + out[0])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

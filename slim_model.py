@@ -36,7 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--shards", type=int, default=None,
                    help="number of shard folders to write (a divisor of n_heads, n_vocab and d_ff); default: the "
                         "config's cores_per_replica")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--ckpt-step": fc.at_least(0, also=(-1,)), "--shards": fc.at_least(1)}, "slim_model.py")
+    return args
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-step", type=int, default=None,
                    help="with a checkpoint folder: the step to convert (default: the latest in meta.json)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mesh_transformer import flag_checks as fc
+    fc.check(args, {"--ckpt-step": fc.at_least(0)}, "to_hf_weights.py")
+    return args
 
 
 def main(argv=None) -> int:

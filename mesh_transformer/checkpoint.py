@@ -46,6 +46,7 @@ import shutil
 import signal
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -66,6 +67,10 @@ _SHARD_RE = re.compile(r"^shard_(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that does not exist, is incomplete, or does not fit the config; the message says what to do."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file of a checkpoint that cannot be read (truncated, not a zip, missing); the message names the file."""
 
 
 # ================================================================================== storage: local paths or gs://
@@ -180,23 +185,35 @@ def _npz_len(path: str) -> int:
         with _open(path, "rb") as f:
             with zipfile.ZipFile(f) as zf:
                 return len(zf.namelist())
-    except (FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}; the checkpoint is incomplete or the path is wrong") from e
+    except (FileNotFoundError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise CorruptCheckpointError(f"cannot read {path}: {_why(e)}; the checkpoint is incomplete or damaged, or "
+                                     f"the path is wrong") from e
     except Exception as e:  # google.api_core NotFound and friends
         if type(e).__name__ == "NotFound":
-            raise CheckpointError(f"{path} not found; the checkpoint is incomplete or the path is wrong") from e
+            raise CorruptCheckpointError(f"{path} not found; the checkpoint is incomplete or the path is "
+                                         f"wrong") from e
         raise
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split()) or 'no detail'}"
 
 
 def _read_npz(path: str, indices: List[int]) -> Dict[int, np.ndarray]:
     """Arrays arr_i for i in indices."""
-    if _is_gcs(path):
-        with _open(path, "rb") as f:
-            source = io.BytesIO(f.read())
-    else:
-        source = path
-    with np.load(source, allow_pickle=False) as npz:
-        return {i: _fix_dtype(npz[f"arr_{i}"]) for i in indices}
+    try:
+        if _is_gcs(path):
+            with _open(path, "rb") as f:
+                source = io.BytesIO(f.read())
+        else:
+            source = path
+        with np.load(source, allow_pickle=False) as npz:
+            return {i: _fix_dtype(npz[f"arr_{i}"]) for i in indices}
+    except KeyError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CorruptCheckpointError(f"cannot read {path}: {_why(e)}; the file is damaged (truncated or "
+                                     f"overwritten)") from e
 
 
 # ================================================================================== meta.json
@@ -204,8 +221,15 @@ def _read_meta(ckpt_dir: str) -> Optional[dict]:
     path = _join(ckpt_dir, "meta.json")
     if not _exists(path):
         return None
-    with _open(path, "r") as f:
-        meta = json.load(f)
+    try:
+        with _open(path, "r") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or not isinstance(meta.get("checkpoints", []), list):
+            raise ValueError(f"expected an object with a 'checkpoints' list, got {str(meta)[:60]!r}")
+        [int(s) for s in meta.get("checkpoints", [])]
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged and cannot be read ({_why(e)}); rerun device_train.py with "
+                              f"--recover-meta to rebuild it from the complete step folders, or restore it") from None
     meta.setdefault("checkpoints", [])
     meta.setdefault("aux", {})
     return meta
@@ -452,6 +476,48 @@ def _shape_error(leaf: L.Leaf, got: Tuple[int, ...], cfg: Config, shards: int, w
     return CheckpointError(msg)
 
 
+def _member_shapes(path: str) -> List[Tuple[int, ...]]:
+    """Shapes of arr_0, arr_1, ... of an npz from the array headers only."""
+    with _open(path, "rb") as f:
+        with zipfile.ZipFile(f) as zf:
+            names = sorted(zf.namelist(), key=lambda n: int(re.sub(r"\D", "", n) or 0))
+            shapes = []
+            for name in names:
+                with zf.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, _ = read(member)
+                    shapes.append(tuple(shape))
+    return shapes
+
+
+def _missing_shards(step_dir: str, leaves, bounds, cfg: Config, shards: int) -> Optional[CheckpointError]:
+    """The error for a checkpoint whose shard folders are partly missing: every split leaf in shard_0 is the same
+    fraction 1/k of what `shards` shards would hold (a wrong config key changes only the leaves of that key)."""
+    try:
+        ratios = set()
+        for j, (a, b) in enumerate(bounds):
+            for leaf, got in zip(leaves[a:b], _member_shapes(_join(step_dir, "shard_0", f"{j}.npz"))):
+                rule = leaf.rule
+                if rule is None or rule.axis is None:
+                    continue
+                want = L.shard_shape(rule, cfg, shards)
+                if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != rule.axis):
+                    return None
+                if not got[rule.axis] or want[rule.axis] % got[rule.axis]:
+                    return None
+                ratios.add(want[rule.axis] // got[rule.axis])
+    except Exception:  # only a better message is at stake
+        return None
+    if len(ratios) != 1 or ratios == {1}:
+        return None
+    implied = shards * ratios.pop()
+    return CheckpointError(f"{step_dir} holds shard folders shard_0 .. shard_{shards - 1}, but its files are cut for "
+                           f"{implied} shards: shard folders are missing; copy all of shard_0 .. "
+                           f"shard_{implied - 1} (the config is fine)")
+
+
 def _opt_state_from(cfg: Config, params: Any, mu: Any, nu: Any, adam_count: Any, sched_count: Any) -> Any:
     """Our optax chain state (train.make_optimizer) holding the loaded Adam moments and counters."""
     from .train import make_optimizer
@@ -467,14 +533,51 @@ def _opt_state_from(cfg: Config, params: Any, mu: Any, nu: Any, adam_count: Any,
     return jax.tree.map(fill, template, is_leaf=_is_opt_node)
 
 
-def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None,
-                    with_opt: bool = True) -> Tuple[Any, Optional[Any], int, dict]:
+def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
+                    forget_bad: bool = False) -> Tuple[Any, Optional[Any], int, dict]:
     """Reads a v1 checkpoint into host numpy arrays in our layout, from any number of shards.
 
     path: a checkpoint folder with meta.json (step None: its latest committed step), or a step_N folder itself
     (e.g. the released GPT-J-6B weights). Returns (params, opt_state or None, step, aux); opt_state is None when
     with_opt is False or the files hold params only. Arrays keep the files' dtypes (bfloat16 for slim files).
+
+    With step None, a latest step whose files cannot be read (a damaged or truncated .npz) falls back, with a
+    warning naming the bad file, to the newest committed step that loads. forget_bad (the training loop, which
+    holds the folder's lock): meta.json also stops naming the bad steps, so training redoes them.
     """
+    path = path.rstrip("/")
+    meta = _read_meta(path) if step is None else None
+    listed = [int(s) for s in meta["checkpoints"]] if meta else []
+    if step is not None or len(listed) < 2:
+        return _load_step(path, cfg, step, with_opt)
+    bad: List[int] = []
+    for candidate in reversed(listed):
+        try:
+            out = _load_step(path, cfg, candidate, with_opt)
+        except CorruptCheckpointError as e:
+            log.warning("checkpoint step %d of %s cannot be loaded: %s; falling back to the previous committed "
+                        "step", candidate, path, e)
+            bad.append(candidate)
+            if candidate == listed[0]:
+                raise CorruptCheckpointError(f"no committed step of {path} loads (tried {bad}); the last error: "
+                                             f"{e}") from e
+            continue
+        if bad:
+            log.warning("loaded step %d of %s instead of the damaged latest step %d", candidate, path, bad[0])
+            if forget_bad:
+                meta["checkpoints"] = [s for s in listed if s not in bad]
+                meta["step"] = candidate
+                for s in bad:
+                    meta["aux"].pop(str(s), None)
+                _write_meta(path, meta)
+                log.warning("meta.json of %s no longer names the damaged steps %s; they will be trained again",
+                            path, bad)
+        return out
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_step(path: str, cfg: Config, step: Optional[int] = None,
+               with_opt: bool = True) -> Tuple[Any, Optional[Any], int, dict]:
     step_dir, step, aux = _resolve(path, step)
     shards = _n_shards(step_dir)
     counts = [_npz_len(_join(step_dir, "shard_0", f"{j}.npz")) for j in range(L.PIECES)]
@@ -536,7 +639,8 @@ def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None,
                         if leaf.rule is None:
                             raise CheckpointError(f"checkpoint leaf '{leaf.our_path}' (mtj '{leaf.mtj_path}') in "
                                                   f"{files[s]} has shape {p.shape}; expected a scalar")
-                        raise _shape_error(leaf, p.shape, cfg, shards, files[s])
+                        raise _missing_shards(step_dir, leaves, bounds, cfg, shards) or \
+                            _shape_error(leaf, p.shape, cfg, shards, files[s])
                 put(leaf, L.join(leaf, parts))
     log.info("read %s (%d shards) in %.1fs", step_dir, shards, time.time() - t0)
 

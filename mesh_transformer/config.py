@@ -151,17 +151,68 @@ def from_dict(raw: Mapping[str, Any], source: Optional[str] = None) -> Config:
     return cfg
 
 
+# Types and ranges of every scalar key (checked before anything else, so a string or NaN never reaches arithmetic):
+# (kind, minimum or None, allow None)
+_INT, _FLOAT, _BOOL, _STR = "integer", "number", "boolean (true/false)", "string"
+_TYPES = {
+    "warmup_steps": (_INT, 0, False), "anneal_steps": (_INT, 1, False), "total_steps": (_INT, 0, False),
+    "tpu_size": (_INT, 1, False), "val_batches": (_INT, 0, False), "val_every": (_INT, 0, False),
+    "ckpt_every": (_INT, 0, False), "keep_every": (_INT, 0, False), "keep_n": (_INT, 0, True),
+    "d_ff": (_INT, 1, True), "pe_rotary_dims": (_INT, None, True),
+    "lr": (_FLOAT, 0, False), "end_lr": (_FLOAT, 0, False), "weight_decay": (_FLOAT, 0, False),
+    "z_loss": (_FLOAT, 0, False), "noise_scale_alpha": (_FLOAT, None, True), "p_rationalization": (_FLOAT, 0, True),
+    "early_cast": (_BOOL, None, False), "scan_layers": (_BOOL, None, False),
+    "name": (_STR, None, False), "comment": (_STR, None, True), "tokenizer": (_STR, None, False),
+    "bucket": (_STR, None, True), "model_dir": (_STR, None, True), "train_set": (_STR, None, True),
+    "wandb_project": (_STR, None, True), "target_save": (_STR, None, True), "target_save_folder": (_STR, None, True),
+}
+_MAXIMUM = {"p_rationalization": 1.0}
+
+
+def _check_types(cfg: "Config", fail) -> None:
+    import math
+    for key, (kind, minimum, nullable) in _TYPES.items():
+        value = getattr(cfg, key)
+        if value is None and nullable:
+            continue
+        if kind == _INT:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == _FLOAT:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind == _BOOL:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            extra = " (a finite number: NaN and Infinity are not allowed)" if kind == _FLOAT else ""
+            fail(f"'{key}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}{extra}, got {value!r} ({type(value).__name__}); write e.g. "
+                 f"\"{key}\": {_example(key, kind)}")
+        if minimum is not None and value < minimum:
+            fail(f"'{key}' must be >= {minimum}, got {value!r}")
+        if key in _MAXIMUM and value > _MAXIMUM[key]:
+            fail(f"'{key}' must be <= {_MAXIMUM[key]}, got {value!r}")
+
+
+def _example(key: str, kind: str) -> str:
+    default = _FIELDS[key].default
+    if default is None or default is dataclasses.MISSING:
+        return {"integer": "1", "number": "0.5", "string": '"..."'}.get(kind, "true")
+    return json.dumps(default)
+
+
 def _validate(cfg: Config, source: Optional[str]) -> None:
     where = _where(source)
 
     def fail(msg: str) -> None:
         raise ConfigError(f"config{where}: {msg}")
 
+
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
                 "gradient_accumulation_steps"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(f"'{key}' must be a positive integer, got {value!r}")
+    _check_types(cfg, fail)
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
             fail(f"'{key}' is {getattr(cfg, key)!r}; supported values: {', '.join(choices)}")

@@ -164,7 +164,12 @@ def hf_to_checkpoint(hf_dir: str, out_path: str, base: Union[None, str, Mapping[
         raise FileNotFoundError(f"{cfg_path} not found; pass the folder of an HF GPT-J model (saved by "
                                 f"GPTJForCausalLM.save_pretrained or to_hf_weights.py)")
     with open(cfg_path) as f:
-        hf_config = json.load(f)
+        try:
+            hf_config = json.load(f)
+        except ValueError as e:
+            raise ConvertError(f"{cfg_path} is not valid JSON ({e}); save the model again") from None
+    if not isinstance(hf_config, dict):
+        raise ConvertError(f"{cfg_path} must hold a JSON object, got {type(hf_config).__name__}")
     cfg = config_for_hf(hf_config, base)
     _require_no_checkpoint(out_path)
     try:

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import finite_guard, run_identity, run_lock
 from .config import Config
 from .train import Trainer, TrainState, device_peak_flops, mfu
 
@@ -39,6 +40,10 @@ class RunOptions:
     slim_final: bool = False  # write the last checkpoint without optimizer state (bf16 params)
     progress: bool = True
     desc: str = "train"
+    memory_check: bool = False  # before anything is loaded: compile the step on abstract shapes, stop if it won't fit
+    force_new: bool = False  # start over in ckpt_path (its steps, meta.json and metrics are deleted)
+    resume_anyway: bool = False  # resume although the run identity differs (recorded in run_identity.json)
+    recover_meta: bool = False  # rebuild a missing / damaged meta.json from the complete step folders
 
 
 def _metrics_path(cfg: Config, ckpt_path: str, explicit: Optional[str]) -> str:
@@ -82,7 +87,7 @@ class MetricsWriter:
 
     def write(self, record: Dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_guard.strict_json(record)) + "\n")
         from . import wandb_log  # imports no wandb unless it is turned on
         wandb_log.log_train(record, self.cfg)
 
@@ -106,7 +111,7 @@ def restart_schedule(opt_state: Any) -> Any:
 
 def _make_loader(cfg: Config, index: str, train: bool, batch: int, ga: int, state: Optional[dict] = None):
     from tfrecord_utils.loader import TFRecordLoader
-    loader = TFRecordLoader(index, batch_shape=(ga, batch), seq=cfg.seq, train=train)
+    loader = TFRecordLoader(index, batch_shape=(ga, batch), seq=cfg.seq, train=train, n_vocab=cfg.n_vocab)
     if state:
         loader.set_state(state)
     return loader
@@ -132,6 +137,7 @@ def evaluate(trainer: Trainer, params: Any, cfg: Config, batch: int) -> Dict[str
     return results
 
 
+@run_lock.owns_model_dir
 def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[Trainer] = None,
           on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainState:
     """Runs training to `total_steps` and returns the final state (checkpoints written on the way)."""
@@ -141,15 +147,20 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     if not cfg.train_set:
         raise ValueError("config has no 'train_set': set it to a TFRecord index file (see create_finetune_tfrecords.py)")
     trainer = trainer or Trainer(cfg)
+    if options.memory_check:
+        from .memory import check_before_run
+        check_before_run(trainer=trainer, log=log)
     total_steps = options.total_steps if options.total_steps is not None else cfg.total_steps
     batch = _global_batch(cfg, trainer)
     ga = cfg.gradient_accumulation_steps
     loader = _make_loader(cfg, cfg.train_set, train=True, batch=batch, ga=ga)  # checks the index and its files
 
+    run_identity.check_training_folder(cfg, options, ckpt_path, _metrics_path(cfg, ckpt_path, options.metrics_path),
+                                       loader_factory=lambda: _make_loader(cfg, cfg.train_set, True, batch, ga))
     loader_state = None
     resumed = ckpt.latest_step(ckpt_path)  # an interrupted run of this config resumes first
     if resumed is not None:
-        params, opt_state, step, aux = ckpt.load_checkpoint(ckpt_path, cfg, step=resumed, with_opt=True)
+        params, opt_state, step, aux = ckpt.load_checkpoint(ckpt_path, cfg, with_opt=True, forget_bad=True)
         state = trainer.state_from_params(params, opt_state, step)
         loader_state = (aux or {}).get("train_loader")
         log.info("resuming %s from step %d", ckpt_path, step)
@@ -172,6 +183,7 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     if loader_state:
         loader.set_state(loader_state)
     peak = device_peak_flops()
+    guard = finite_guard.FiniteGuard(cfg, ckpt_path, start, latest=lambda: ckpt.latest_step(ckpt_path))
     tokens = ga * batch * cfg.seq
     batch_sharding = trainer.batch_sharding(3)
 
@@ -201,6 +213,7 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
         if cfg.val_every and step % cfg.val_every == 0 and cfg.val_set:
             record.update(evaluate(trainer, state.params, cfg, batch))
         writer.write(record)
+        guard.check(step, record)  # a non-finite loss / grad norm stops here, before the next checkpoint
         bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens / dt:,.0f}")
         bar.update(1)
         if on_step:

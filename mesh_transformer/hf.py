@@ -64,6 +64,9 @@ def config_from_hf(hf_cfg: dict, **overrides: Any) -> Config:
         raise ConfigError(f"HF config has model_type {hf_cfg.get('model_type')!r}; only 'gptj' folders can be loaded")
     if hf_cfg.get("activation_function", "gelu_new") != "gelu_new":
         raise ConfigError(f"HF config activation_function {hf_cfg['activation_function']!r} is not GPT-J's gelu_new")
+    missing = [k for k in ("n_embd", "n_layer", "n_head", "vocab_size") if k not in hf_cfg]
+    if missing:
+        raise ConfigError(f"HF config.json lacks {', '.join(missing)}; is this the config.json of a GPT-J model?")
     d_model = hf_cfg["n_embd"]
     raw = dict(layers=hf_cfg["n_layer"], d_model=d_model, n_heads=hf_cfg["n_head"], n_vocab=hf_cfg["vocab_size"],
                seq=hf_cfg.get("n_positions", 2048), pe_rotary_dims=hf_cfg.get("rotary_dim"),
@@ -96,7 +99,7 @@ def from_hf_state_dict(cfg: Config, state: Dict[str, np.ndarray]) -> Any:
 
     def get(key: str, shape: tuple) -> np.ndarray:
         if key not in state:
-            raise KeyError(f"HF weights lack '{key}'; is this a GPT-J (GPTJForCausalLM) checkpoint?")
+            raise ValueError(f"HF weights lack '{key}'; is this a GPT-J (GPTJForCausalLM) checkpoint?")
         arr = np.asarray(state[key], np.float32)
         if arr.shape != tuple(shape):
             raise ValueError(f"HF weight '{key}' has shape {arr.shape}, the config needs {tuple(shape)}; "
@@ -129,8 +132,12 @@ def _read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
     if os.path.exists(single):
         return _load_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is damaged ({type(e).__name__}: {e}); it must be JSON with a \"weight_map\" "
+                             f"object: save the model again") from None
         state = {}
         for name in files:
             state.update(_load_safetensors(os.path.join(hf_dir, name)))
@@ -138,7 +145,17 @@ def _read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
     legacy = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.exists(legacy):
         import torch  # only for the legacy pickle format, and only with weights_only=True
-        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        import pickle
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
+            # never torch's advice to retry with weights_only=False: that unpickling would run the file's code
+            raise ValueError(f"{legacy} was refused: it is not a plain tensor file ({type(e).__name__}; it holds "
+                             f"Python objects that could run code when unpickled, or it is damaged). Do not load it "
+                             f"unsafely; get the weights as model.safetensors from a source you trust") from None
+        if not isinstance(tensors, dict) or not all(hasattr(t, "numpy") for t in tensors.values()):
+            raise ValueError(f"{legacy} holds {type(tensors).__name__}, not a state dict of tensors; pass the folder "
+                             f"of an HF GPT-J checkpoint")
         return {k: t.float().numpy() for k, t in tensors.items()}
     raise FileNotFoundError(f"{hf_dir} holds no model.safetensors, model.safetensors.index.json or "
                             f"pytorch_model.bin; pass the folder an HF GPT-J was saved to")
@@ -149,9 +166,16 @@ def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
     from safetensors import safe_open
 
     out = {}
-    with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-            out[key] = f.get_tensor(key)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    except Exception as e:  # SafetensorError (truncated / not safetensors), OSError
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall") and \
+                not isinstance(e, (OSError, ValueError)):
+            raise
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); the file "
+                         f"is damaged or truncated: download or export it again") from None
     return out
 
 
@@ -162,7 +186,13 @@ def load_hf_gptj(hf_dir: str, **config_overrides: Any):
         raise FileNotFoundError(f"{cfg_path} not found; pass a folder saved by GPTJForCausalLM.save_pretrained "
                                 f"or by save_hf_gptj")
     with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), **config_overrides)
+        try:
+            raw = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); save the model again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
+    cfg = config_from_hf(raw, **config_overrides)
     return cfg, from_hf_state_dict(cfg, _read_state_dict(hf_dir))
 
 

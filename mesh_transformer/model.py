@@ -80,7 +80,14 @@ class CausalTransformer:
                     last_only: bool = False):
         cfg = self.config
         dtype = _DTYPES[cfg.compute_dtype]
-        x = Embedding(cfg.n_vocab, cfg.d_model)(tokens, dtype)  # [B, T, D]
+
+        def in_compute_dtype(next_getter, value, context):
+            return next_getter(value.astype(dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value)
+
+        # Params are cast to the compute dtype where they are read: a layer's inside the layer loop, so only one
+        # layer's compute copy exists at a time (mtj cast the whole tree up front: at 6B a 12 GB bf16 copy).
+        with hk.custom_getter(in_compute_dtype):
+            x = Embedding(cfg.n_vocab, cfg.d_model)(tokens, dtype)  # [B, T, D]
 
         def layer(x, *per_layer):
             layer_cache = None
@@ -94,7 +101,8 @@ class CausalTransformer:
                                          prefix_heads_first=isinstance(prefix, HeadMajorPrefixKV))
             block = GPTJBlock(cfg.n_heads, cfg.d_head, cfg.ffn_dim, cfg.rotary_dims, cfg.layers,
                               attention_impl=cfg.attention_impl, name="block")
-            x, k, v = block(x, positions, token_valid, layer_cache)
+            with hk.custom_getter(in_compute_dtype):  # this layer's slice of the stacked params
+                x, k, v = block(x, positions, token_valid, layer_cache)
             return x, (k, v)
 
         if cfg.remat != "none":
@@ -112,7 +120,8 @@ class CausalTransformer:
             x, (new_k, new_v) = stack(lambda x, _: layer(x))(x, jnp.zeros((cfg.layers,), jnp.int32))
         if last_only:  # prefill needs the next-token logits only: skip a [B, T, V] float32 tensor
             x = x[:, -1:]
-        logits = Projection(cfg.n_vocab)(x)  # [B, T, V] float32 ([B, 1, V] with last_only)
+        with hk.custom_getter(in_compute_dtype):
+            logits = Projection(cfg.n_vocab)(x)  # [B, T, V] float32 ([B, 1, V] with last_only)
         return logits, new_k, new_v  # new_k, new_v: [L, B, T, H, Dh]
 
     # ----------------------------------------------------------------- public API
@@ -149,8 +158,7 @@ class CausalTransformer:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
-        return self._net.apply(self.cast_for_compute(params), tokens, positions, token_valid, cache, prefix,
-                               last_only)
+        return self._net.apply(params, tokens, positions, token_valid, cache, prefix, last_only)
 
     def logits(self, params: Params, tokens: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] of tokens [B, T]."""

@@ -144,7 +144,16 @@ def _load_folder(folder: str) -> HFTokenizer:
     from transformers import GPT2TokenizerFast  # heavy import, only when BPE is asked for
 
     # from_pretrained(folder), NOT GPT2TokenizerFast(vocab_file=, merges_file=): the latter gives an empty vocab.
-    return HFTokenizer(GPT2TokenizerFast.from_pretrained(folder), name=folder)
+    try:
+        hf = GPT2TokenizerFast.from_pretrained(folder)
+    except TokenizerError:
+        raise
+    except Exception as e:  # a damaged vocab.json / merges.txt / tokenizer.json: json or tokenizers errors
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TokenizerError(f"tokenizer folder {folder} could not be loaded ({type(e).__name__}: {detail}); one of "
+                             f"its files (vocab.json, merges.txt, tokenizer.json) is damaged: copy them again from "
+                             f"the original tokenizer") from None
+    return HFTokenizer(hf, name=folder)
 
 
 @functools.lru_cache(maxsize=None)

@@ -173,16 +173,28 @@ class Trainer:
     def _train_step_fn(self, state: TrainState, batch: dict, anneal_steps):
         inputs, targets, mask = split_batch(batch, self.use_mask)  # [GA, B, T]
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        # Gradients are taken w.r.t. the compute-dtype copy of the params, made once per step: a bf16 micro-batch
+        # gradient holds exactly the values the fp32 one did (the cotangent of a cast to bf16 is bf16), in half
+        # the bytes; they are summed in float32.
+        compute_params = self.model.cast_for_compute(state.params)
+
+        def f32(tree):
+            return jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
         def micro(carry, xs):
             grads, loss_sum, ce_sum, tok_sum = carry
-            (loss, aux), g = grad_fn(state.params, *xs, True)
-            grads = jax.tree.map(jnp.add, grads, g)
+            (loss, aux), g = grad_fn(compute_params, *xs, True)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, loss_sum + loss, ce_sum + aux["ce"], tok_sum + aux["tokens"]), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0), (inputs, targets, mask))
         ga = inputs.shape[0]
+        if ga == 1:  # no accumulator: at 6B on one device the fp32 sum alone is 24 GB
+            (loss_sum, aux), grads = grad_fn(compute_params, inputs[0], targets[0], mask[0], True)
+            grads, ce_sum, tokens = f32(grads), aux["ce"], aux["tokens"]
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0),
+                                                                (inputs, targets, mask))
         grad_norm = optax.global_norm(grads) / ga  # norm of the mean gradient, before clipping
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         optimizer = make_optimizer(self.cfg, anneal_steps)

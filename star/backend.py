@@ -122,6 +122,16 @@ class JaxBackend:
         params, _, _, _ = ckpt.load_checkpoint(ckpt_dir, self.cfg, with_opt=False)
         return self.trainer.put_params(params)
 
+    def check_memory(self, batch: int, prefix: int, prompt: int, new_tokens: int) -> None:
+        """Stops before the run when a fine-tune step or a generation batch would not fit the devices (checked only
+        where the devices' memory is known: accelerators, or STAR_DEVICE_MEMORY_GB)."""
+        from mesh_transformer.memory import check_before_run
+        from mesh_transformer.sampling import Sampler
+        if self._sampler is None:
+            self._sampler = Sampler(self.trainer.model, mesh=self.trainer.mesh)
+        check_before_run(self.trainer, self._sampler, dict(batch=batch, prefix=prefix, prompt=prompt,
+                                                           new_tokens=new_tokens), log=log)
+
     def sampler(self, params):
         """The run's one Sampler, running `params` (cast to the compute dtype only when they change)."""
         from mesh_transformer.sampling import Sampler

@@ -28,8 +28,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from tfrecord_utils.records import (IndexEntry, RecordFormatError, check_entries_exist, parse_token_example,
-                                    read_index, read_tfrecord)
+from tfrecord_utils.records import (IndexEntry, RecordFormatError, check_entries_exist, check_record_count,
+                                    parse_token_example, read_index, read_tfrecord)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ class TFRecordLoader:
         original did not shuffle here (create_finetune_tfrecords.py shuffles when it writes), so the default is off.
       state: a `get_state()` result to resume from.
       verify_crc: check every record's CRCs.
+      n_vocab: when given, every token id must lie in [0, n_vocab) (the model's vocabulary); an id outside fails
+        with the index file, data file, record and id named, before the batch reaches the model (a model fed ids
+        >= n_vocab trains to NaN).
+
+    Each local data file is checked when it is first opened: a name ending in `_{N}.tfrecords` (what
+    create_finetune_tfrecords.py writes) must hold exactly N whole records, so a file cut short is refused before
+    any of its records is used.
 
     Missing local files named by the index raise FileNotFoundError (index file, line, path) here; `gs://` files are
     checked when they are opened.
@@ -69,7 +76,7 @@ class TFRecordLoader:
 
     def __init__(self, index_path: Union[str, os.PathLike], batch_shape: Union[int, Sequence[int]],
                  seq: Optional[int] = None, train: bool = True, shuffle: bool = False, shuffle_buffer: int = 10_000,
-                 seed: int = 0, state: Optional[dict] = None, verify_crc: bool = True):
+                 seed: int = 0, state: Optional[dict] = None, verify_crc: bool = True, n_vocab: Optional[int] = None):
         self.index_path = os.fspath(index_path)
         self.batch_shape = (int(batch_shape),) if np.ndim(batch_shape) == 0 else tuple(int(b) for b in batch_shape)
         if not self.batch_shape or min(self.batch_shape) < 1:
@@ -79,6 +86,8 @@ class TFRecordLoader:
             raise ValueError(f"seq must be >= 1, got {seq}")
         self.seq = seq
         self.train, self.shuffle, self.seed, self.verify_crc = train, shuffle, seed, verify_crc
+        self.n_vocab = n_vocab
+        self._counted: set = set()  # data files whose record count was checked
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.shuffle_buffer = shuffle_buffer
@@ -152,6 +161,9 @@ class TFRecordLoader:
     def _open_reader(self) -> None:
         pos = self._order(self._epoch)[self._file_pos]
         entry = self.entries[pos]
+        if entry.path not in self._counted:
+            check_record_count(entry)
+            self._counted.add(entry.path)
         reader = self._records_of(entry)
         if self.shuffle:
             reader = _shuffle_buffer(reader, self.shuffle_buffer,
@@ -203,6 +215,13 @@ class TFRecordLoader:
         if len(tokens) != self.seq + 1:
             raise RecordFormatError(f"{where} has {len(tokens)} tokens, expected {self.seq + 1} (seq {self.seq} + 1); "
                                     f"was it written with another --seq-len?")
+        if self.n_vocab is not None and tokens.size and (tokens.max() >= self.n_vocab or tokens.min() < 0):
+            bad = int(tokens.max()) if tokens.max() >= self.n_vocab else int(tokens.min())
+            pos = int(np.argmax((tokens >= self.n_vocab) | (tokens < 0)))
+            raise RecordFormatError(f"index file {self.index_path}: {where}: token id {bad} at position {pos} is "
+                                    f"outside the model's vocabulary [0, n_vocab={self.n_vocab}); was the data "
+                                    f"made with another tokenizer? Rebuild it with the config's tokenizer, or set "
+                                    f"n_vocab in the config")
         return tokens, mask
 
     # ---- batches --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -368,7 +369,8 @@ def read_tfrecord(path: Union[str, os.PathLike], verify: bool = True) -> Iterato
             if len(data) < length or len(footer) < 4:
                 raise RecordFormatError(f"{path}: record {i} (0-based): truncated (file ends inside the record)")
             if verify and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                raise RecordFormatError(f"{path}: record {i} (0-based): data CRC mismatch (corrupt file)")
+                raise RecordFormatError(f"{path}: record {i} (0-based): data CRC mismatch (corrupt file); rebuild it "
+                                        f"with create_finetune_tfrecords.py")
             yield data
             i += 1
 
@@ -414,7 +416,8 @@ def read_index(index_path: Union[str, os.PathLike]) -> list[IndexEntry]:
     """The entries of an index file (blank lines skipped); raises if it lists nothing."""
     index_path = os.fspath(index_path)
     if not is_url(index_path) and not os.path.isfile(index_path):
-        raise FileNotFoundError(f"index file {index_path} does not exist")
+        raise FileNotFoundError(f"index file {index_path} does not exist; fix the path (config 'train_set' / "
+                                f"'val_set') or make it with create_finetune_tfrecords.py")
     with open_binary(index_path) as f:
         lines = f.read().decode("utf-8").splitlines()
     entries = [IndexEntry(resolve_entry(index_path, line.strip()), n, index_path)
@@ -430,6 +433,47 @@ def check_entries_exist(entries: Sequence[IndexEntry]) -> None:
     for e in entries:
         if not is_url(e.path) and not os.path.isfile(e.path):
             raise FileNotFoundError(f"index file {e.index_path}, line {e.line}: data file {e.path} does not exist")
+
+
+_COUNT_RE = re.compile(r"_(\d+)\.tfrecords$")
+
+
+def count_records(path: str) -> int:
+    """Whole records in a local TFRecord file, from the length headers only (a seek per record); raises
+    RecordFormatError naming the file and record when it ends inside a record."""
+    size = os.path.getsize(path)
+    n = pos = 0
+    with open(path, "rb") as f:
+        while pos < size:
+            header = f.read(12)
+            if len(header) < 12:
+                raise RecordFormatError(f"{path}: record {n} (0-based): truncated header ({len(header)} of 12 "
+                                        f"bytes): the file was cut short; rebuild it (create_finetune_tfrecords.py)")
+            (length,) = struct.unpack("<Q", header[:8])
+            pos += 12 + length + 4
+            if pos > size:
+                raise RecordFormatError(f"{path}: record {n} (0-based): truncated (the file ends inside the record): "
+                                        f"the file was cut short; rebuild it (create_finetune_tfrecords.py)")
+            f.seek(pos)
+            n += 1
+    return n
+
+
+def check_record_count(entry: "IndexEntry") -> None:
+    """A local data file named `..._{N}.tfrecords` must hold exactly N records (URLs are not checked: that would
+    read the whole file)."""
+    m = _COUNT_RE.search(os.path.basename(entry.path))
+    if is_url(entry.path) or not m or not os.path.isfile(entry.path):
+        return
+    want = int(m.group(1))
+    try:
+        got = count_records(entry.path)
+    except RecordFormatError as e:
+        raise RecordFormatError(f"index file {entry.index_path}, line {entry.line}: {e}") from None
+    if got != want:
+        raise RecordFormatError(f"index file {entry.index_path}, line {entry.line}: data file {entry.path} holds {got} "
+                                f"records but its name says {want}: it was cut short or rewritten; rebuild it "
+                                f"with create_finetune_tfrecords.py (or rename it if it is complete)")
 
 
 def write_index(index_path: Union[str, os.PathLike], paths: Sequence[str]) -> None:
