@@ -21,7 +21,8 @@ Routes:
 import argparse
 import sys
 
-from mesh_transformer.cli_util import ERRORS_EPILOG, run_main, setup_logging
+from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, run_main, setup_compile_cache,
+                                        setup_logging)
 
 
 def parse_args(argv=None):
@@ -47,12 +48,14 @@ def parse_args(argv=None):
                                           "allowed them on /complete); off by default")
     a("--model-name", default=None, help="the model name in /v1/completions answers (default: the source path)")
     a("--seed", type=int, default=0, help="seed of a random init (requests carry their own sampling seed)")
+    add_compile_cache_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     if args.max_batch < 1 or args.max_queue < 1 or args.batch_wait_ms < 0 or args.complete_max_tokens < 1:
         raise ValueError("--max-batch, --max-queue and --complete-max-tokens must be >= 1, --batch-wait-ms >= 0")
     if not 0 <= args.port < 65536:

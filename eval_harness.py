@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-from mesh_transformer.cli_util import ERRORS_EPILOG, run_main, setup_logging
+from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, run_main, setup_compile_cache,
+                                        setup_logging)
 
 README_TASKS = "lambada_openai,winogrande,hellaswag,piqa"
 
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     a("--bootstrap-iters", type=int, default=100000, help="bootstrap resamples for the standard errors "
                                                           "(lm-eval's default; 0 = none, faster)")
     a("--seed", type=int, default=0, help="seed of lm-eval's few-shot sampling and of a random init")
+    add_compile_cache_flag(p)
     return p.parse_args(argv)
 
 
@@ -60,6 +62,7 @@ def _output_files(path: str) -> tuple:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    setup_compile_cache(args.compile_cache)
     if args.batch_size < 1 or args.num_fewshot < 0 or (args.limit is not None and args.limit <= 0):
         raise ValueError("--batch-size must be >= 1, --num-fewshot >= 0 and --limit > 0")
     import lm_eval
