@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    help="the model_dir has step folders but no readable meta.json: rebuild meta.json from the "
                         "complete steps (loader position replayed) and resume from the newest")
     add_compile_cache_flag(p)
+    from mesh_transformer import wandb_log
+    wandb_log.add_flags(p)
     args = p.parse_args(argv)
     from mesh_transformer import flag_checks as fc
     fc.check(args, {"--total-steps": fc.at_least(0)}, "device_train.py")
@@ -61,11 +63,17 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
     setup_compile_cache(args.compile_cache)
 
+    from mesh_transformer import wandb_log
     from mesh_transformer.finetune import RunOptions, train
-    state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
-                                  total_steps=args.total_steps, progress=not args.no_progress, memory_check=True,
-                                  force_new=args.force_new, resume_anyway=args.resume_anyway,
-                                  recover_meta=args.recover_meta))
+    wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir, cfg.name,
+                        {"argv": sys.argv[1:] if argv is None else list(argv)})
+    try:
+        state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
+                                      total_steps=args.total_steps, progress=not args.no_progress, memory_check=True,
+                                      force_new=args.force_new, resume_anyway=args.resume_anyway,
+                                      recover_meta=args.recover_meta))
+    finally:
+        wandb_log.finish()
     logging.getLogger("device_train").info("done at step %d", int(state.step))
     return 0
 

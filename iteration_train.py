@@ -67,6 +67,8 @@ def parse_args(argv=None):
       help="--out-dir holds a run with other settings (run_identity.json): delete its contents and start over")
     a("--resume-anyway", dest="resume_anyway", action="store_true",
       help="continue the --out-dir run with other settings (the difference is recorded in run_identity.json)")
+    from mesh_transformer import wandb_log
+    wandb_log.add_flags(p)
     args = p.parse_args(argv)
     args.task = TASK_ALIASES.get(args.task or "arithmetic", args.task or "arithmetic")
     if args.task not in TASKS:
@@ -140,14 +142,21 @@ def _run(args, argv, cfg, opts):
                          GenerationSettings(temperature=opts.temperature, batch_size=opts.eval_batch_size,
                                             seed=opts.seed), progress=opts.progress,
                          anneal_per_finetune=opts.anneal_each_finetune)
-    run = StarRun(opts, task, backend)
+    from mesh_transformer import wandb_log
+    wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir,
+                        f"star_{args.task}_{os.path.basename(os.path.normpath(opts.out_dir))}", _jsonable(vars(args)))
+    run = _logged(StarRun)(opts, task, backend)  # after configure: it logs only when W&B is on
     if not opts.dry_run:  # a generation batch: the few-shot prefix, the longest of 200 questions, gen_length new
         tok = backend.tokenizer
         prefix = len(tok.encode(task.few_shot_prompt(hint=False, direct=opts.generation.direct)))
         longest = max([len(tok.encode(task.format_question(ex, hint=opts.generation.rationalize)))
                        for ex in run.train_examples[:200]] or [1])
         backend.check_memory(opts.eval_batch_size, prefix, longest, opts.generation.gen_length)
-    rows = run.run()
+    try:
+        rows = run.run()
+        wandb_log.log_files([os.path.join(opts.out_dir, f) for f in ("results.md", "accuracy.png", "results.json")])
+    finally:
+        wandb_log.finish()
     report = os.path.join(opts.out_dir, "results.md")
     if opts.dry_run or not os.path.exists(report):
         logging.getLogger("star").info("done: %d iterations (no report: nothing was run)", len(rows))
@@ -155,6 +164,22 @@ def _run(args, argv, cfg, opts):
     logging.getLogger("star").info("done: %d iterations; see %s", len(rows), report)
     with open(report) as f:
         print(f.read())
+
+
+def _logged(run_class):
+    """StarRun that also sends each finished iteration's results row to W&B (when --wandb-mode turns it on)."""
+    from mesh_transformer import wandb_log
+
+    class LoggedRun(run_class):
+        def _save(self, rows: dict) -> None:
+            super()._save(rows)
+            logged = self.__dict__.setdefault("_wandb_logged", set())
+            for n in sorted(rows):
+                if n not in logged and (n == 0 or rows[n].get("complete")):
+                    wandb_log.log_iteration(rows[n])
+                    logged.add(n)
+
+    return LoggedRun if wandb_log.enabled() else run_class
 
 
 def _jsonable(options: dict) -> dict:

@@ -77,24 +77,19 @@ def _truncate_metrics(path: str, after_step: int) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; optional wandb when installed and a project is configured."""
+    """Appends one JSON object per line; also logs each record to W&B when a CLI turned that on
+    (mesh_transformer/wandb_log.py: --wandb-mode offline|online; nothing imports wandb otherwise)."""
 
     def __init__(self, path: str, cfg: Config):
         self.path = path
+        self.cfg = cfg
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._wandb = None
-        if cfg.wandb_project and os.environ.get("WANDB_MODE") != "disabled" and os.environ.get("WANDB_API_KEY"):
-            try:
-                import wandb  # optional
-                self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=cfg.to_dict())
-            except Exception as e:  # pragma: no cover - optional dependency
-                log.warning("wandb not used: %s", e)
 
     def write(self, record: Dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(finite_guard.strict_json(record)) + "\n")
-        if self._wandb is not None:  # pragma: no cover
-            self._wandb.log(record, step=record.get("step"))
+        from . import wandb_log  # imports no wandb unless it is turned on
+        wandb_log.log_train(record, self.cfg)
 
 
 def _to_host(tree: Any) -> Any:
