@@ -145,7 +145,9 @@ def _run(args, argv, cfg, opts):
     from mesh_transformer import wandb_log
     wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir,
                         f"star_{args.task}_{os.path.basename(os.path.normpath(opts.out_dir))}", _jsonable(vars(args)))
-    run = _logged(StarRun)(opts, task, backend)  # after configure: it logs only when W&B is on
+    run = StarRun(opts, task, backend)
+    if wandb_log.enabled():  # after configure
+        run.on_row = wandb_log.log_iteration
     if not opts.dry_run:  # a generation batch: the few-shot prefix, the longest of 200 questions, gen_length new
         tok = backend.tokenizer
         prefix = len(tok.encode(task.few_shot_prompt(hint=False, direct=opts.generation.direct)))
@@ -164,22 +166,6 @@ def _run(args, argv, cfg, opts):
     logging.getLogger("star").info("done: %d iterations; see %s", len(rows), report)
     with open(report) as f:
         print(f.read())
-
-
-def _logged(run_class):
-    """StarRun that also sends each finished iteration's results row to W&B (when --wandb-mode turns it on)."""
-    from mesh_transformer import wandb_log
-
-    class LoggedRun(run_class):
-        def _save(self, rows: dict) -> None:
-            super()._save(rows)
-            logged = self.__dict__.setdefault("_wandb_logged", set())
-            for n in sorted(rows):
-                if n not in logged and (n == 0 or rows[n].get("complete")):
-                    wandb_log.log_iteration(rows[n])
-                    logged.add(n)
-
-    return LoggedRun if wandb_log.enabled() else run_class
 
 
 def _jsonable(options: dict) -> dict:

@@ -305,6 +305,10 @@ class StarRun:
     def on_train_step(self, n: int, step: int, ckpt_dir: str) -> None:
         """Called after every fine-tuning step of iteration n, whose checkpoints go to ckpt_dir."""
 
+    def on_row(self, row: dict) -> None:
+        """Called once per results row this run records (iteration 0, then each finished or skipped iteration),
+        after it is on disk: e.g. W&B logging (iteration_train.py)."""
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> List[dict]:
         """The algorithm: M(0) = base; for n = 1..N: generate with M(n-1) -> pack -> fine-tune (the base, or M(n-1))
@@ -320,6 +324,7 @@ class StarRun:
             ev = self.evaluate(0, base)
             rows[0] = {"iteration": 0, "steps": 0, "dev_accuracy": ev["accuracy"], "seconds": time.time() - t0}
             self._save(rows)
+            self.on_row(rows[0])
         model = base  # M(n-1)
         for n in range(max(1, o.start_iter), o.n_iters + 1):
             if n in rows and rows[n].get("complete"):
@@ -333,6 +338,7 @@ class StarRun:
                 rows[n] = {"iteration": n, "train": gen, "steps": 0, "skipped": True, "complete": True,
                            "seconds": time.time() - t0}
                 self._save(rows)
+                self.on_row(rows[n])
                 continue
             index = self.pack(n)
             steps = n_steps(o, n, gen["kept"])
@@ -342,6 +348,7 @@ class StarRun:
                 rows[n]["dev_accuracy"] = self.evaluate(n, model)["accuracy"]
             rows[n].update(complete=True, seconds=time.time() - t0)
             self._save(rows)
+            self.on_row(rows[n])
         return [rows[k] for k in sorted(rows)]
 
     def _print_plan(self, rows: dict) -> None:
