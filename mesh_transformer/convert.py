@@ -159,17 +159,8 @@ def hf_to_checkpoint(hf_dir: str, out_path: str, base: Union[None, str, Mapping[
                      shards: Optional[int] = None, dtype: str = "fp32") -> tuple[Config, Any]:
     """Reads an HF GPT-J folder and writes its params as a params-only v1 checkpoint (step 0) in `dtype` with
     `shards` shards (default: the config's cores_per_replica). Returns (config, params as float32 numpy)."""
-    cfg_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found; pass the folder of an HF GPT-J model (saved by "
-                                f"GPTJForCausalLM.save_pretrained or to_hf_weights.py)")
-    with open(cfg_path) as f:
-        try:
-            hf_config = json.load(f)
-        except ValueError as e:
-            raise ConvertError(f"{cfg_path} is not valid JSON ({e}); save the model again") from None
-    if not isinstance(hf_config, dict):
-        raise ConvertError(f"{cfg_path} must hold a JSON object, got {type(hf_config).__name__}")
+    hf_config = hf.read_hf_config(hf_dir, "GPTJForCausalLM.save_pretrained or to_hf_weights.py (an HF GPT-J model)",
+                                  ConvertError)
     cfg = config_for_hf(hf_config, base)
     _require_no_checkpoint(out_path)
     try:

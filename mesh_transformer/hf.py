@@ -179,20 +179,25 @@ def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
     return out
 
 
-def load_hf_gptj(hf_dir: str, **config_overrides: Any):
-    """HF GPT-J folder -> (Config, params as float32 numpy)."""
+def read_hf_config(hf_dir: str, saved_by: str = "GPTJForCausalLM.save_pretrained or save_hf_gptj",
+                   error: type = ValueError) -> dict:
+    """The folder's config.json as a dict; a missing or malformed one is named with the fix."""
     cfg_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found; pass a folder saved by GPTJForCausalLM.save_pretrained "
-                                f"or by save_hf_gptj")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found; pass a folder saved by {saved_by}")
     with open(cfg_path) as f:
         try:
             raw = json.load(f)
         except ValueError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); save the model again") from None
+            raise error(f"{cfg_path} is not valid JSON ({e}); save the model again") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
-    cfg = config_from_hf(raw, **config_overrides)
+        raise error(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def load_hf_gptj(hf_dir: str, **config_overrides: Any):
+    """HF GPT-J folder -> (Config, params as float32 numpy)."""
+    cfg = config_from_hf(read_hf_config(hf_dir), **config_overrides)
     return cfg, from_hf_state_dict(cfg, _read_state_dict(hf_dir))
 
 

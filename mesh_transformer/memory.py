@@ -35,7 +35,7 @@ GiB = 1024 ** 3
 DEVICE_MEMORY_ENV = "STAR_DEVICE_MEMORY_GB"
 # memory of one device (one TPU core, one GPU), bytes
 DEVICES = {"tpu-v3": 16 * GiB, "tpu-v5p": 95 * GiB, "tpu-v4": 32 * GiB, "tpu-v5e": 16 * GiB, "a100-40": 40 * GiB, "a100-80": 80 * GiB,
-           "h100-80": 80 * GiB, "h200": 141 * GiB, "l4": 24 * GiB}
+           "h100-80": 80 * GiB, "h200": 140 * GiB, "l4": 24 * GiB}
 _KINDS = {"TPU v3": "tpu-v3", "TPU v4": "tpu-v4", "TPU v5": "tpu-v5p", "TPU v5 lite": "tpu-v5e"}
 KNOBS = ("remat 'full' (activations), scan_layers true, a larger cores_per_replica (mp: params and moments split "
          "further), early_cast true (bf16 params), adam_dtype 'bfloat16' (bf16 first moment), a smaller "

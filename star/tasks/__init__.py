@@ -27,6 +27,13 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 EOT = "<|endoftext|>"
 SPLITS = ("train", "dev")
 REPO = pathlib.Path(__file__).resolve().parents[2]  # the checkout: configs/ and assets/ of the task presets
+# iteration_train.py's defaults of the original script (GPT-J-6B, configs/qa_base.json); each task's `loop_preset`
+# starts from these
+ORIGINAL_LOOP_PRESET = dict(
+    config=str(REPO / "configs" / "qa_base.json"), base_model_location="gs://checkpoint-bucket/step_383500/",
+    rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96, gradient_accumulation_steps=8,
+    start_steps=40, add_steps=20, eval_batch_size=8, base_epochs=1.0, add_epochs=0.2, sequence_count=10,
+    p_show_hint_save=0.0, finetune_from="base", replay_n=0, anneal_each_finetune=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,5 +181,5 @@ def get_task(name: str, data_dir: str | os.PathLike | None = None, **options: An
     return cls(data_dir=data_dir, **options)
 
 
-__all__ = ["EOT", "SPLITS", "Example", "Task", "TaskBase", "DataFormatError", "get_task", "task_names",
+__all__ = ["EOT", "SPLITS", "REPO", "ORIGINAL_LOOP_PRESET", "Example", "Task", "TaskBase", "DataFormatError", "get_task", "task_names",
            "canonical_name", "resolve_data_dir", "model_part"]

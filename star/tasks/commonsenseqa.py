@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from star.tasks import EOT, REPO, DataFormatError, Example, TaskBase
+from star.tasks import EOT, ORIGINAL_LOOP_PRESET, DataFormatError, Example, TaskBase
 
 _FINAL_CHOICE = re.compile(r"\(([A-Za-z])\)\.\s*$")
 
@@ -28,13 +28,8 @@ class CommonsenseQA(TaskBase):
     folder = "commonsenseqa"
     stop = ("\n",)             # only the first line is kept and parsed
     default_gen_length = 96    # the original --gen_length
-    # iteration_train.py's defaults for this task: the original script's (GPT-J-6B, configs/qa_base.json)
-    loop_preset = dict(config=str(REPO / "configs" / "qa_base.json"),
-                       base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_commonsenseqa",
-                       rationalize=False, n_iters=64, n_train_samples=10000, gen_length=96,
-                       gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
-                       base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
-                       finetune_from="base", replay_n=0, anneal_each_finetune=False)
+    # iteration_train.py's defaults for this task: the original script's
+    loop_preset = dict(ORIGINAL_LOOP_PRESET, out_dir="runs/star_commonsenseqa", gen_length=96)
     prompt_files = {           # (hint, direct) -> file
         (False, False): "prompts.txt",
         (True, False): "prompts_answer_key.txt",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from star.tasks import EOT, REPO, DataFormatError, Example, TaskBase, model_part
+from star.tasks import EOT, ORIGINAL_LOOP_PRESET, DataFormatError, Example, TaskBase, model_part
 
 _DONE = re.compile(r"####[^\n]*\n")
 
@@ -26,13 +26,8 @@ class GSM8K(TaskBase):
     folder = "gsm"
     stop = ("\n\n", "\nQ:")    # the next exemplar would start; the kept text ends at the `#### N` line (truncate)
     default_gen_length = 256   # reference solutions: median 86, 99th percentile 224, max 342 GPT-2 tokens
-    # iteration_train.py's defaults for this task: the original script's (GPT-J-6B, configs/qa_base.json)
-    loop_preset = dict(config=str(REPO / "configs" / "qa_base.json"),
-                       base_model_location="gs://checkpoint-bucket/step_383500/", out_dir="runs/star_gsm8k",
-                       rationalize=False, n_iters=64, n_train_samples=10000, gen_length=256,
-                       gradient_accumulation_steps=8, start_steps=40, add_steps=20, eval_batch_size=8,
-                       base_epochs=1.0, add_epochs=0.2, sequence_count=10, p_show_hint_save=0.0,
-                       finetune_from="base", replay_n=0, anneal_each_finetune=False)
+    # iteration_train.py's defaults for this task: the original script's
+    loop_preset = dict(ORIGINAL_LOOP_PRESET, out_dir="runs/star_gsm8k", gen_length=256)
 
     def __init__(self, data_dir=None, ignore_commas: bool = False):
         super().__init__(data_dir)
