@@ -23,12 +23,9 @@ from mesh_transformer.train import Trainer
 log = logging.getLogger("star")
 
 
-def load_base_params(cfg: Config, location: Optional[str], seed: int = 0):
-    """Base params from a v1 checkpoint folder, an HF GPT-J folder, or (None / "random") a random init."""
-    if not location or location == "random":
-        log.warning("no base model given: starting from a RANDOM init (pass --base_model_location)")
-        from mesh_transformer.model import CausalTransformer
-        return jax.tree.map(np.asarray, jax.jit(CausalTransformer(cfg).init)(jax.random.PRNGKey(seed)))
+def load_base_params(cfg: Config, location: str):
+    """Base params (host arrays) from a v1 checkpoint folder or an HF GPT-J folder; JaxBackend.base_params places
+    them on the mesh leaf by leaf (and makes a random base there when no location is given)."""
     if os.path.exists(os.path.join(location, "config.json")) and not os.path.exists(os.path.join(location, "meta.json")):
         from mesh_transformer.hf import load_hf_gptj
         hf_cfg, params = load_hf_gptj(location)

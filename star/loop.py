@@ -5,15 +5,18 @@ the wrong ones with the hint -> write the kept examples as text -> pack to TFRec
 fine-tune THE BASE model (the original; or M(n-1) with finetune_from="previous") for steps(n) -> M(n) -> evaluate M(n)
 on dev -> record. Iteration 0 evaluates the base. Optionally a slice of old data (replay_file) joins every fine-tune.
 
-Everything an iteration makes lives in `{out_dir}/iter_{n:02d}/`; each stage leaves a file that says it finished, so
-the same command, rerun after a kill, continues where it stopped and never appends an example twice.
+Everything an iteration makes lives in `{out_dir}/iter_{n:02d}/`; each stage leaves a file that says it finished
+(generation.json, records/train.index, the checkpoint's meta.json, eval.json), so the same command, rerun after a
+kill, continues where it stopped and never appends an example twice. `StarRun.run` is only the algorithm; its hooks
+(`on_chunk`, `on_train_step`, `on_row`) are no-ops that tests and loggers fill in. Every option is a field of
+`StarOptions` (with `PassOptions` nested), whose metadata also makes iteration_train.py's flags (star/flags.py).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
-import argparse
 import os
 import random
 import time
@@ -167,9 +170,10 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 class StarRun:
-    """Runs the loop. `backend` supplies the model: `base_params()`, `load_params(ckpt_dir)`,
-    `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir, desc=, on_step=)` (with `init_ckpt=` too
-    when carry_optimizer is on) and `pack(pairs_path, out_dir)`."""
+    """Runs the loop. `backend` supplies the model (star/backend.py's JaxBackend keeps it on the devices):
+    `base_params()`, `load_params(ckpt_dir)`, `generate_fn(params)`, `finetune(params, index_path, steps, ckpt_dir,
+    desc=, on_step=)` (with `init_ckpt=` too when carry_optimizer is on) and `pack(pairs_path, out_dir)`; the params
+    it returns are opaque to the loop."""
 
     def __init__(self, opts: StarOptions, task, backend, title: Optional[str] = None):
         self.opts, self.task, self.backend = opts, task, backend

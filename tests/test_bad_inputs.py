@@ -22,7 +22,6 @@ import re
 import shutil
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
 import pytest
 
 from cli_helpers import REPO, TINY, make_dataset

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_helpers import REPO, TINY, check_ok, cli_env, make_dataset, read_metrics, run_cli, write_config
+from cli_helpers import REPO, TINY, cli_env, make_dataset, read_metrics, write_config
 from mesh_transformer import checkpoint as ckpt
 try:
     from mesh_transformer import run_lock
