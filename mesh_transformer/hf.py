@@ -16,21 +16,13 @@ import ml_dtypes
 import numpy as np
 
 from .config import Config, ConfigError, from_dict
+from .weights import WEIGHTS, dim_value
 
-_BLOCK = "layers/block"
-# our (module, leaf) per layer -> (HF suffix under transformer.h.{i}., transpose)
-_LAYER_MAP = {
-    ("ln", "scale"): ("ln_1.weight", False),
-    ("ln", "offset"): ("ln_1.bias", False),
-    ("q", "w"): ("attn.q_proj.weight", True),
-    ("k", "w"): ("attn.k_proj.weight", True),
-    ("v", "w"): ("attn.v_proj.weight", True),
-    ("out", "w"): ("attn.out_proj.weight", True),
-    ("fc_in", "w"): ("mlp.fc_in.weight", True),
-    ("fc_in", "b"): ("mlp.fc_in.bias", False),
-    ("fc_out", "w"): ("mlp.fc_out.weight", True),
-    ("fc_out", "b"): ("mlp.fc_out.bias", False),
-}
+_BY_PATH = {(w.module, w.name): w for w in WEIGHTS}  # the one weight table (weights.py) holds every HF name
+
+
+def _hf_key(module: str, name: str) -> str:
+    return _BY_PATH[(module, name)].hf_name
 
 
 def hf_config_dict(cfg: Config, eos_token_id: int = 50256) -> dict:
@@ -78,18 +70,17 @@ def config_from_hf(hf_cfg: dict, **overrides: Any) -> Config:
 def to_hf_state_dict(cfg: Config, params: Any, dtype=np.float32) -> Dict[str, np.ndarray]:
     """Our params -> HF GPT-J state dict of numpy arrays (torch layout)."""
     p = {mod: {name: np.asarray(leaf, np.float32) for name, leaf in leaves.items()} for mod, leaves in params.items()}
-    out = {
-        "transformer.wte.weight": p["embedding"]["w"] + p["embedding"]["b"][None, :],
-        "transformer.ln_f.weight": p["projection/ln_f"]["scale"],
-        "transformer.ln_f.bias": p["projection/ln_f"]["offset"],
-        "lm_head.weight": p["projection/lm_head"]["w"].T,
-        "lm_head.bias": p["projection/lm_head"]["b"],
-    }
-    for (mod, name), (suffix, transpose) in _LAYER_MAP.items():
-        stacked = p[f"{_BLOCK}/{mod}"][name]  # [L, ...]
-        for i in range(cfg.layers):
-            leaf = stacked[i]
-            out[f"transformer.h.{i}.{suffix}"] = leaf.T if transpose else leaf
+    out = {_hf_key("embedding", "w"): p["embedding"]["w"] + p["embedding"]["b"][None, :]}  # HF folds the bias in
+    for w in WEIGHTS:
+        if w.hf_name is None or w.module == "embedding":
+            continue
+        if w.stacked:
+            for i in range(cfg.layers):
+                leaf = p[w.module][w.name][i]
+                out[w.hf_name.format(i=i)] = leaf.T if w.hf_transpose else leaf
+        else:
+            leaf = p[w.module][w.name]
+            out[w.hf_name] = leaf.T if w.hf_transpose else leaf
     return {k: np.ascontiguousarray(v).astype(dtype) for k, v in out.items()}
 
 
@@ -106,23 +97,16 @@ def from_hf_state_dict(cfg: Config, state: Dict[str, np.ndarray]) -> Any:
                              f"check config.json (n_embd, n_head, n_inner, vocab_size, n_layer)")
         return arr
 
-    d, f, v, inner = cfg.d_model, cfg.ffn_dim, cfg.n_vocab, cfg.n_heads * cfg.d_head
-    params = {
-        "embedding": {"w": get("transformer.wte.weight", (v, d)), "b": np.zeros((d,), np.float32)},
-        "projection/ln_f": {"scale": get("transformer.ln_f.weight", (d,)),
-                            "offset": get("transformer.ln_f.bias", (d,))},
-        "projection/lm_head": {"w": get("lm_head.weight", (v, d)).T.copy(), "b": get("lm_head.bias", (v,))},
-    }
-    torch_shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.q_proj.weight": (inner, d),
-                    "attn.k_proj.weight": (inner, d), "attn.v_proj.weight": (inner, d),
-                    "attn.out_proj.weight": (d, inner), "mlp.fc_in.weight": (f, d), "mlp.fc_in.bias": (f,),
-                    "mlp.fc_out.weight": (d, f), "mlp.fc_out.bias": (d,)}
-    for (mod, name), (suffix, transpose) in _LAYER_MAP.items():
-        leaves = []
-        for i in range(cfg.layers):
-            arr = get(f"transformer.h.{i}.{suffix}", torch_shapes[suffix])
-            leaves.append(arr.T if transpose else arr)
-        params.setdefault(f"{_BLOCK}/{mod}", {})[name] = np.stack(leaves)
+    params: dict = {"embedding": {"b": np.zeros((cfg.d_model,), np.float32)}}  # HF folded it into wte
+    for w in WEIGHTS:
+        if w.hf_name is None:
+            continue
+        shape = tuple(dim_value(cfg, k) for k in w.dims)  # ours, unstacked
+        torch_shape = shape[::-1] if w.hf_transpose else shape
+        keys = [w.hf_name.format(i=i) for i in range(cfg.layers)] if w.stacked else [w.hf_name]
+        leaves = [get(key, torch_shape) for key in keys]
+        leaves = [x.T.copy() if w.hf_transpose else x for x in leaves]
+        params.setdefault(w.module, {})[w.name] = np.stack(leaves) if w.stacked else leaves[0]
     return params
 
 

@@ -36,56 +36,13 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .weights import PREFIX, SPLIT, SUMMED, WEIGHTS, Weight, dim_value  # noqa: F401 (PREFIX, dim_value re-exported)
+
 PIECES = 16  # files per shard (mtj's `pieces`)
-PREFIX = "causal_transformer_shard/~/"
 
-SPLIT, SUMMED, REPLICATED = "split", "summed", "replicated"
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamRule:
-    """One leaf of our param tree and its mtj counterpart (per layer for stacked leaves)."""
-    module: str  # our Haiku module path, e.g. "layers/block/q"
-    name: str  # our leaf name, e.g. "w"
-    mtj_module: str  # mtj module under PREFIX; "{i}" is the layer index
-    mtj_name: str
-    kind: str  # SPLIT, SUMMED or REPLICATED
-    axis: Optional[int]  # the axis cut over shards (SPLIT only), of the unstacked leaf
-    dims: Tuple[str, ...]  # the config key that sets each axis of the unstacked leaf
-    fill: float = 0.0  # value of shards > 0 for REPLICATED params (mtj's init)
-
-    @property
-    def stacked(self) -> bool:
-        return self.module.startswith("layers")
-
-    def mtj_path(self, layer: Optional[int]) -> str:
-        return PREFIX + self.mtj_module.format(i=layer) + "/" + self.mtj_name
-
-    def our_path(self, layer: Optional[int]) -> str:
-        return f"{self.module}/{self.name}" + (f"[layer {layer}]" if layer is not None else "")
-
-
-_LN = "layer_{i}/~/replicated_layer_norm"
-RULES: Tuple[ParamRule, ...] = (
-    ParamRule("embedding", "w", "embedding_shard/~/linear", "w", SPLIT, 0, ("n_vocab", "d_model")),
-    ParamRule("embedding", "b", "embedding_shard/~/linear", "b", SUMMED, None, ("d_model",)),
-    ParamRule("layers/block/q", "w", "layer_{i}/~/linear", "w", SPLIT, 1, ("d_model", "d_model")),
-    ParamRule("layers/block/v", "w", "layer_{i}/~/linear_1", "w", SPLIT, 1, ("d_model", "d_model")),
-    ParamRule("layers/block/k", "w", "layer_{i}/~/linear_2", "w", SPLIT, 1, ("d_model", "d_model")),
-    ParamRule("layers/block/out", "w", "layer_{i}/~/linear_3", "w", SPLIT, 0, ("d_model", "d_model")),
-    ParamRule("layers/block/fc_in", "w", "layer_{i}/~/linear_4", "w", SPLIT, 1, ("d_model", "d_ff")),
-    ParamRule("layers/block/fc_in", "b", "layer_{i}/~/linear_4", "b", SPLIT, 0, ("d_ff",)),
-    ParamRule("layers/block/fc_out", "w", "layer_{i}/~/linear_5", "w", SPLIT, 0, ("d_ff", "d_model")),
-    ParamRule("layers/block/fc_out", "b", "layer_{i}/~/linear_5", "b", SUMMED, None, ("d_model",)),
-    ParamRule("layers/block/ln", "scale", _LN, "scale", REPLICATED, None, ("d_model",), fill=1.0),
-    ParamRule("layers/block/ln", "offset", _LN, "offset", REPLICATED, None, ("d_model",), fill=0.0),
-    ParamRule("projection/ln_f", "scale", "projection_shard/~/replicated_layer_norm", "scale", REPLICATED, None,
-              ("d_model",), fill=1.0),
-    ParamRule("projection/ln_f", "offset", "projection_shard/~/replicated_layer_norm", "offset", REPLICATED, None,
-              ("d_model",), fill=0.0),
-    ParamRule("projection/lm_head", "w", "projection_shard/~/linear", "w", SPLIT, 1, ("d_model", "n_vocab")),
-    ParamRule("projection/lm_head", "b", "projection_shard/~/linear", "b", SPLIT, 0, ("n_vocab",)),
-)
+# The rules (our name, mtj name, cut) are the one weight table's (weights.py); ParamRule is its row type.
+ParamRule = Weight
+RULES: Tuple[ParamRule, ...] = WEIGHTS
 
 # groups of leaves in the mtj state
 PARAMS, MU, NU, ADAM_COUNT, SCHEDULE_COUNT, STEP = "params", "mu", "nu", "adam_count", "schedule_count", "step"
@@ -165,10 +122,6 @@ def chunk_bounds(n: int, pieces: int = PIECES) -> List[Tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------ shapes
-def dim_value(cfg: Any, key: str) -> int:
-    return cfg.ffn_dim if key == "d_ff" else getattr(cfg, key)
-
-
 def full_shape(rule: ParamRule, cfg: Any) -> Tuple[int, ...]:
     """Shape of the unstacked (one layer) leaf in our layout."""
     return tuple(dim_value(cfg, k) for k in rule.dims)

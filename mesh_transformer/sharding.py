@@ -12,27 +12,25 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .weights import SPLIT, WEIGHTS, Weight
+
 DP, MP = "dp", "mp"
 
-# (module suffix, leaf name) -> spec of the UNSTACKED leaf; stacked layer leaves get a leading None.
-_RULES = {
-    ("embedding", "w"): P(MP, None),  # [V, D]: vocabulary split
-    ("embedding", "b"): P(None),
-    ("q", "w"): P(None, MP),  # [D, H*Dh]: heads split
-    ("k", "w"): P(None, MP),
-    ("v", "w"): P(None, MP),
-    ("out", "w"): P(MP, None),  # [H*Dh, D]: input dim split
-    ("fc_in", "w"): P(None, MP),  # [D, F]
-    ("fc_in", "b"): P(MP),
-    ("fc_out", "w"): P(MP, None),  # [F, D]
-    ("fc_out", "b"): P(None),
-    ("ln", "scale"): P(None),
-    ("ln", "offset"): P(None),
-    ("ln_f", "scale"): P(None),
-    ("ln_f", "offset"): P(None),
-    ("lm_head", "w"): P(None, MP),  # [D, V]: vocabulary split
-    ("lm_head", "b"): P(MP),
-}
+
+
+def _spec(weight: Weight) -> P:
+    """The unstacked leaf's spec: 'mp' on the axis the weight table says mp splits (mtj's cut), else replicated."""
+    axes = [None] * len(weight.dims)
+    if weight.kind == SPLIT:
+        axes[weight.axis] = MP
+    return P(*axes)
+
+
+# (module suffix, leaf name) -> spec of the UNSTACKED leaf; stacked layer leaves get a leading None. From the one
+# weight table (weights.py): [V, D] embedding and [D, V] lm_head split on the vocabulary, q/k/v/fc_in on their output
+# (heads, F), out/fc_out on their input; biases of split outputs split with them; LayerNorms and summed biases
+# replicated.
+_RULES = {(w.suffix, w.name): _spec(w) for w in WEIGHTS}
 
 
 def make_mesh(cores_per_replica: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -56,7 +54,7 @@ def leaf_spec(module_path: str, name: str) -> P:
     try:
         spec = _RULES[(suffix, name)]
     except KeyError:
-        raise KeyError(f"no sharding rule for parameter {module_path}/{name}; add one to sharding._RULES")
+        raise KeyError(f"no sharding rule for parameter {module_path}/{name}; add the weight to weights.WEIGHTS")
     return P(None, *spec) if is_stacked(module_path) else spec
 
 
