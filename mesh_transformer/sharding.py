@@ -82,6 +82,17 @@ def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def place(tree: Any, shardings: Any, host_dtype: Any = None) -> Any:
+    """Puts each leaf on its sharding, leaf by leaf: a host leaf (optionally cast to host_dtype first) goes straight to
+    its shards, a device leaf already in its sharding is kept as it is, another device leaf is resharded. No leaf
+    passes whole through one device."""
+    def put(x, s):
+        if isinstance(x, jax.Array):
+            return x if x.sharding == s else jax.device_put(x, s)
+        return jax.device_put(np.asarray(x, host_dtype) if host_dtype is not None else x, s)
+    return jax.tree.map(put, tree, shardings)
+
+
 def shard_params(params: Any, mesh: Mesh) -> Any:
     """Places params on the mesh in the Megatron layout."""
     return jax.device_put(params, named(mesh, param_specs(params)))

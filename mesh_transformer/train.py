@@ -141,12 +141,8 @@ class Trainer:
         """Params (host numpy or device arrays) on the mesh in the storage dtype, leaf by leaf: a host leaf goes
         straight to its shards; device leaves are resharded where needed and then copied (cast) under jit, so the
         result never shares buffers with the caller's arrays."""
-        def put(x, s):
-            if isinstance(x, jax.Array):
-                return x if x.sharding == s else jax.device_put(x, s)
-            return jax.device_put(np.asarray(x, self.param_dtype), s)
         on_device = any(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
-        placed = jax.tree.map(put, params, self.param_shardings)
+        placed = sharding.place(params, self.param_shardings, host_dtype=self.param_dtype)
         return self._cast(placed) if on_device else placed
 
     def state_from_params(self, params: Any, opt_state: Any = None, step: int = 0) -> TrainState:
@@ -159,7 +155,7 @@ class Trainer:
         if opt_state is None:
             opt_state = self._opt_init(params)
         else:
-            opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s), opt_state, self.shardings.opt_state)
+            opt_state = sharding.place(opt_state, self.shardings.opt_state)
         return TrainState(params, opt_state, jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step))
 
 
