@@ -33,8 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from .generation import decode_completion, stop_arguments
-from .sampling import Sampler, bucket_length
+from .sampling import Sampler, bucket_length, decode_completion
 from .sharding import DP
 
 
@@ -194,7 +193,7 @@ class MeshTransformerLM(TemplateLM):
                                       top_k=int(kwargs.get("top_k", 0) or 0),
                                       top_p=float(kwargs.get("top_p", 1.0) or 1.0), seed=int(kwargs.get("seed", 0)),
                                       eos_id=self.eot_token_id, batch_size=self._batch,
-                                      **stop_arguments(self.sampler, self.tokenizer_, until))
+                                      **self.sampler.stop_arguments(self.tokenizer_, until))
             for r, i in enumerate(idx):
                 text = decode_completion(self.tokenizer_, res.tokens[r], int(res.lengths[r]), until)
                 out[i] = postprocess_generated_text(text, until, None)

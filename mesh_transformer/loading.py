@@ -35,18 +35,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 class Loaded(NamedTuple):
     config: Any  # mesh_transformer.config.Config
-    params: Any  # host (numpy) or device arrays
+    params: Any  # host (numpy) arrays; None: a random init (made on the mesh by the caller, with `seed`)
     tokenizer: Optional[str]  # tokenizer spec implied by the source (the --hf folder), or None
+    seed: int = 0
 
 
 def load_model(config: Optional[str] = None, ckpt: Optional[str] = None, ckpt_step: Optional[int] = None,
                hf: Optional[str] = None, compute_dtype: Optional[str] = None, seed: int = 0,
                what: str = "sampling from") -> Loaded:
-    """(config, params, tokenizer spec) from `hf`, `ckpt` or the config's checkpoint folder, else a random init."""
-    import jax
-
+    """(config, params, tokenizer spec) from `hf`, `ckpt` or the config's checkpoint folder; params None for a random
+    init (the caller creates it in its shardings: `Sampler.init_params`)."""
     from .config import load_config
-    from .model import CausalTransformer
 
     overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
     if hf:
@@ -83,7 +82,7 @@ def load_model(config: Optional[str] = None, ckpt: Optional[str] = None, ckpt_st
     else:
         why = "the config has no model_dir and no --ckpt was given"
     print(f"warning: {why}; {what} a RANDOMLY INITIALISED model", file=sys.stderr)
-    return Loaded(cfg, jax.jit(CausalTransformer(cfg).init)(jax.random.PRNGKey(seed)), None)
+    return Loaded(cfg, None, None, seed)
 
 
 def model_parallel_size(cfg: Any, cores_per_replica: Optional[int] = None) -> int:
@@ -120,4 +119,7 @@ def sampler_from_args(args: argparse.Namespace, what: str = "sampling from"):
     cfg = loaded.config
     mp = model_parallel_size(cfg, args.cores_per_replica)
     tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer, cfg)
-    return Sampler(CausalTransformer(cfg), loaded.params, mesh=make_mesh(mp)), tokenizer
+    sampler = Sampler(CausalTransformer(cfg), loaded.params, mesh=make_mesh(mp))
+    if loaded.params is None:
+        sampler.init_params(loaded.seed)
+    return sampler, tokenizer

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .model import CausalTransformer, HeadMajorKVCache, HeadMajorPrefixKV
-from .sharding import DP, MP, make_mesh, named, param_specs
+from .sharding import DP, MP, make_mesh, named, param_specs, place
 
 Array = jax.Array
 FloatOrSeq = Union[float, Sequence[float]]
@@ -285,15 +285,16 @@ class Sampler:
         their shardings and cast to the compute dtype once, so no step re-casts them. Clears the prefix cache.
         Device params already in the compute dtype and layout are used as they are, not copied: do not donate
         them (e.g. to a train step) while this sampler still runs them."""
-        def put(x, s):
-            if isinstance(x, jax.Array) and x.sharding == s:
-                return x
-            return jax.device_put(x, s)  # a host leaf goes straight to its shards
-        placed = jax.tree.map(put, params, self.param_shardings)
+        placed = place(params, self.param_shardings)
         dtype = jnp.dtype(self.model.compute_dtype)
         same = all(x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(placed))
         self.params = placed if same else self._cast(placed)
         self._prefixes.clear()
+
+    def init_params(self, seed: int = 0) -> None:
+        """Runs a freshly initialised model, created on the mesh in its shardings (`model.init` under jit)."""
+        init = jax.jit(self.model.init, out_shardings=self.param_shardings)
+        self.set_params(init(jax.random.PRNGKey(seed)))
 
     def clear_params(self) -> None:
         """Drops the compute-dtype copy of the params (e.g. while the same devices train); set_params restores."""
@@ -454,20 +455,18 @@ class Sampler:
         if isinstance(stop, str):
             stop = (stop,)
         stop = [s for s in stop if s]
-        stop_tokens = np.unique(np.concatenate([self.stop_token_ids(tokenizer, s) for s in stop] or
-                                               [np.zeros((0,), np.int64)]))
-        stop_sequences = [seq for seq in (tokenizer.encode(s) for s in stop) if len(seq) > 1]
-        eos = tokenizer.eos_token_id
         out = self.sample(rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          eos_id=eos, stop_tokens=stop_tokens, stop_sequences=stop_sequences, prefix=prefix,
-                          batch_size=batch_size)
-        completions = []
-        for toks, n in zip(out.tokens, out.lengths):
-            ids = [int(t) for t in toks[:n]]
-            if ids and ids[-1] == eos:
-                ids = ids[:-1]
-            completions.append(truncate_at_stop(tokenizer.decode(ids), stop))
-        return completions
+                          eos_id=tokenizer.eos_token_id, prefix=prefix, batch_size=batch_size,
+                          **self.stop_arguments(tokenizer, stop))
+        return [decode_completion(tokenizer, toks, n, stop) for toks, n in zip(out.tokens, out.lengths)]
+
+    def stop_arguments(self, tokenizer: Any, stop: Sequence[str]) -> dict:
+        """`sample`'s stop_tokens and stop_sequences for stop strings: every token containing one (device-side, one
+        step), and the multi-token encodings (matched against the row's last tokens)."""
+        stop = [s for s in stop if s]
+        ids = [self.stop_token_ids(tokenizer, s) for s in stop]
+        return dict(stop_tokens=np.unique(np.concatenate(ids)) if ids else np.zeros((0,), np.int64),
+                    stop_sequences=[seq for seq in (tokenizer.encode(s) for s in stop) if len(seq) > 1])
 
 
 def split_shared_prefix(tokenizer: Any, texts: Sequence[str], shared_prefix: Optional[str]):
@@ -499,6 +498,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def decode_completion(tokenizer: Any, tokens: Sequence[int], length: int, stop: Sequence[str]) -> str:
+    """A row's text from SampleOutput tokens[:length]: EOS dropped, cut before the first stop string."""
+    ids = [int(t) for t in tokens[:length]]
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return truncate_at_stop(tokenizer.decode(ids), [s for s in stop if s])
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:

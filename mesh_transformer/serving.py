@@ -30,7 +30,6 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from .generation import stop_arguments
 from .sampling import Sampler, truncate_at_stop
 
 log = logging.getLogger("device_serve")
@@ -173,7 +172,7 @@ class BatchEngine:
         out = self.sampler.sample([r.ids for r in padded], max_new, temperature=[r.temperature for r in padded],
                                   top_k=[r.top_k for r in padded], top_p=[r.top_p for r in padded],
                                   seed=[r.seed for r in padded], eos_id=eos,
-                                  **stop_arguments(self.sampler, self.tokenizer, stop))
+                                  **self.sampler.stop_arguments(self.tokenizer, stop))
         results = []
         for i, r in enumerate(rows):
             n = min(int(out.lengths[i]), r.max_tokens)
