@@ -148,12 +148,15 @@ def _run(args, argv, cfg, opts):
     run = StarRun(opts, task, backend)
     if wandb_log.enabled():  # after configure
         run.on_row = wandb_log.log_iteration
-    if not opts.dry_run:  # a generation batch: the few-shot prefix, the longest of 200 questions, gen_length new
-        tok = backend.tokenizer
-        prefix = len(tok.encode(task.few_shot_prompt(hint=False, direct=opts.generation.direct)))
-        longest = max([len(tok.encode(task.format_question(ex, hint=opts.generation.rationalize)))
-                       for ex in run.train_examples[:200]] or [1])
-        backend.check_memory(opts.eval_batch_size, prefix, longest, opts.generation.gen_length)
+    def generation_shape() -> dict:  # a generation batch: the few-shot prefix, the longest of 200 questions
+        tok, g = backend.tokenizer, opts.generation
+        return dict(batch=opts.eval_batch_size, new_tokens=g.gen_length,
+                    prefix=len(tok.encode(task.few_shot_prompt(hint=False, direct=g.direct))),
+                    prompt=max([len(tok.encode(task.format_question(ex, hint=g.rationalize)))
+                                for ex in run.train_examples[:200]] or [1]))
+
+    if not opts.dry_run:
+        backend.check_memory(generation_shape)
     try:
         rows = run.run()
         wandb_log.log_files([os.path.join(opts.out_dir, f) for f in ("results.md", "accuracy.png", "results.json")])

@@ -17,9 +17,10 @@ TPU_LIBRARY_PATH=DIR/libtpu/libtpu.so, kept out of requirements.txt because a li
 stand-in for bf16 set-ups, since XLA's CPU backend computes bf16 matmuls in f32 and so holds f32 copies of bf16
 weights and caches (temporaries up to ~2x a TPU's). Keep a margin (`--margin`, default 10%) either way.
 
-device_train.py and iteration_train.py call `check_training` / `check_sampling` before they start, when the devices'
-memory is known (accelerators report it; STAR_DEVICE_MEMORY_GB sets it anywhere), and stop with what does not fit
-and the knobs to turn.
+device_train.py and iteration_train.py call `check_before_run` (the train step; iteration_train.py also its generation
+batch) before they load anything, when the devices' memory is known (accelerators report it; STAR_DEVICE_MEMORY_GB
+sets it anywhere), and stop with what does not fit and the knobs to turn. With the CLIs' persistent compilation cache
+on, the step compiled for the check is not compiled again when training starts (same program, same cache key).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 GiB = 1024 ** 3
 DEVICE_MEMORY_ENV = "STAR_DEVICE_MEMORY_GB"
@@ -94,18 +95,20 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def training_usage(trainer) -> list[Usage]:
-    """The trainer's jitted init and train step, compiled on abstract shapes (one global batch of the config)."""
+def training_usage(trainer, with_init: bool = True) -> list[Usage]:
+    """The trainer's jitted train step (and init), compiled on abstract shapes (one global batch of the config)."""
     import jax
     cfg = trainer.cfg
     state = _abstract(trainer.abstract_state(), trainer.shardings)
     detail = {"params": per_device_bytes(state.params), "optimizer state": per_device_bytes(state.opt_state)}
-    init = trainer._init.lower(jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
     batch = (cfg.gradient_accumulation_steps, cfg.per_replica_batch * trainer.mesh.shape["dp"], cfg.seq + 1)
     step = trainer.lower_train_step(batch)
     state_bytes = detail["params"] + detail["optimizer state"]
-    return [_usage("init", init, detail, 0),
-            _usage(f"train step (batch {batch[1]} x GA {batch[0]} x seq {cfg.seq})", step, detail, state_bytes)]
+    usages = [_usage(f"train step (batch {batch[1]} x GA {batch[0]} x seq {cfg.seq})", step, detail, state_bytes)]
+    if with_init:
+        init = trainer._init.lower(jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
+        usages.insert(0, _usage("init", init, detail, 0))
+    return usages
 
 
 def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: int) -> Usage:
@@ -198,14 +201,17 @@ def check(usages: Sequence[Usage], capacity: Optional[int], margin: float = 0.1)
     return text
 
 
-def check_before_run(trainer=None, sampler=None, sampling: Optional[dict] = None, log=None) -> Optional[str]:
-    """The CLIs' pre-flight check: nothing is compiled when the device memory is unknown (plain CPU runs)."""
+def check_before_run(trainer=None, sampler=None, sampling: Optional[Callable[[], dict]] = None,
+                     log=None) -> Optional[str]:
+    """The CLIs' pre-flight check. Nothing is compiled, and `sampling()` (the generation shape: batch, prefix,
+    prompt, new_tokens) is not even asked, when the device memory is unknown (plain CPU runs)."""
     capacity = device_memory()
     if capacity is None:
         return None
-    usages = training_usage(trainer) if trainer is not None else []
-    if sampler is not None and sampling:
-        usages.append(sampling_usage(sampler, **sampling))
+    # the init's peak (its outputs) is part of the step's arguments: the step alone decides
+    usages = training_usage(trainer, with_init=False) if trainer is not None else []
+    if sampler is not None and sampling is not None:
+        usages.append(sampling_usage(sampler, **sampling()))
     text = check(usages, capacity)
     if log is not None:
         log.info("memory check:\n%s", text)

@@ -119,12 +119,12 @@ class JaxBackend:
         params, _, _, _ = ckpt.load_checkpoint(ckpt_dir, self.cfg, with_opt=False)
         return self.trainer.put_params(params)
 
-    def check_memory(self, batch: int, prefix: int, prompt: int, new_tokens: int) -> None:
+    def check_memory(self, generation_shape) -> None:
         """Stops before the run when a fine-tune step or a generation batch would not fit the devices (checked only
-        where the devices' memory is known: accelerators, or STAR_DEVICE_MEMORY_GB)."""
+        where the devices' memory is known: accelerators, or STAR_DEVICE_MEMORY_GB). generation_shape() -> {batch,
+        prefix, prompt, new_tokens}, asked only then."""
         from mesh_transformer.memory import check_before_run
-        check_before_run(self.trainer, self._the_sampler(), dict(batch=batch, prefix=prefix, prompt=prompt,
-                                                                 new_tokens=new_tokens), log=log)
+        check_before_run(self.trainer, self._the_sampler(), generation_shape, log=log)
 
     def _the_sampler(self):
         from mesh_transformer.sampling import Sampler
