@@ -34,7 +34,8 @@ FORWARDED_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR", "JAX
                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "STAR_NO_COMPILE_CACHE", "TF_CPP_MIN_LOG_LEVEL",
                  "TOKENIZERS_PARALLELISM")
 # Test hook (tests/test_ray_generation.py): "K:PATH" makes the first worker to start its K-th batch while PATH does
-# not exist create PATH and exit at once (a worker killed mid-generation, exactly once per run)
+# not exist create PATH and exit at once (a worker killed mid-generation, exactly once per run); "K:PATH:hang" makes
+# it hang instead (a worker that never answers)
 TEST_EXIT_ENV = "STAR_TEST_RAY_WORKER_EXIT"
 
 Source = Tuple  # ("random",) | ("base", location) | ("ckpt", folder, step): where a worker reads params from
@@ -96,12 +97,14 @@ def _test_exit(batch: int) -> None:
     spec = os.environ.get(TEST_EXIT_ENV)
     if not spec:
         return
-    k, _, path = spec.partition(":")
+    k, path, *mode = spec.split(":")
     if batch == int(k):
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+        if mode == ["hang"]:
+            time.sleep(3600)
         os._exit(1)
 
 

@@ -6,7 +6,8 @@ this module starts (4 CPUs: 2 one-CPU workers, a replacement, and room to spare)
   TFRecords, losses, fine-tuned weights, results.json;
 - the same with a worker that exits in the middle of its second batch (test hook STAR_TEST_RAY_WORKER_EXIT): it is
   replaced, its batch re-run, and every file is still the same (each question answered once);
-- device_inference.py with --ray-workers 2 writes the same answers file as without.
+- device_inference.py with --ray-workers 2 writes the same answers file as without, also when a worker hangs (it is
+  killed after --ray-timeout, replaced, and its batch re-run).
 
 The drivers are subprocesses with one CPU device; they pass their XLA_FLAGS (one device, fast compile) and the
 session's compilation cache to the workers, which otherwise would inherit this process's 8 simulated devices.
@@ -112,12 +113,52 @@ def test_a_worker_killed_mid_generation_is_replaced_and_nothing_changes(work, on
     _same_files(out, one_process)  # every question answered once: same rationales and eval answers, line for line
 
 
-def test_device_inference_with_ray_workers_writes_the_same_answers(work, ray_address, tmp_path):
-    common = ["--config", work["cfg"], "--ckpt", work["base"], "--dataset_mode", "arithmetic", "--split", "train",
-              "--n_train_samples", "12", "--gen_length", "40", "--eval_batch_size", "4"]
-    plain, on_ray = tmp_path / "plain.jsonl", tmp_path / "ray.jsonl"
-    check_ok(run_cli("device_inference.py", [*common, "--out", plain], _env(work)))
-    proc = run_cli("device_inference.py", [*common, "--out", on_ray, *_ray_args(ray_address)], _env(work))
+INFERENCE_ARGS = ["--dataset_mode", "arithmetic", "--split", "train", "--n_train_samples", "12", "--gen_length", "40",
+                  "--eval_batch_size", "4"]  # 3 batches: 2 at once on 2 workers, then 1
+
+
+@pytest.fixture(scope="module")
+def plain_answers(work) -> pathlib.Path:
+    """device_inference.py's answers file in one process."""
+    out = work["root"] / "plain_answers.jsonl"
+    check_ok(run_cli("device_inference.py", ["--config", work["cfg"], "--ckpt", work["base"], *INFERENCE_ARGS,
+                                             "--out", out], _env(work)))
+    assert len(out.read_text().splitlines()) == 12
+    return out
+
+
+def _inference_on_ray(work, out, ray_address, timeout="240", **env):
+    return run_cli("device_inference.py", ["--config", work["cfg"], "--ckpt", work["base"], *INFERENCE_ARGS,
+                                           "--out", out, "--ray-address", ray_address, "--ray-workers", "2",
+                                           "--ray-timeout", timeout], _env(work, **env))
+
+
+def test_device_inference_with_ray_workers_writes_the_same_answers(work, ray_address, plain_answers, tmp_path):
+    check_ok(_inference_on_ray(work, tmp_path / "ray.jsonl", ray_address))
+    assert (tmp_path / "ray.jsonl").read_text() == plain_answers.read_text()
+
+
+def test_a_hung_worker_times_out_is_replaced_and_its_batch_rerun(work, ray_address, plain_answers, tmp_path):
+    """The worker that gets batch 3 (its second) never answers: after --ray-timeout it is killed and replaced."""
+    marker = tmp_path / "worker_hung"
+    proc = _inference_on_ray(work, tmp_path / "ray.jsonl", ray_address, timeout="30",
+                             STAR_TEST_RAY_WORKER_EXIT=f"2:{marker}:hang")
     check_ok(proc)
-    assert len(plain.read_text().splitlines()) == 12
-    assert on_ray.read_text() == plain.read_text()
+    assert marker.exists() and "took over --ray-timeout 30 s" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "ray.jsonl").read_text() == plain_answers.read_text()
+
+
+def test_ray_flags_are_checked_and_off_by_default(capsys):
+    import device_inference
+    import iteration_train
+    assert iteration_train.parse_args([]).ray.ray_workers == 0  # without Ray flags nothing changes
+    for parse in (iteration_train.parse_args,
+                  lambda a: device_inference.parse_args(["--config", "c.json", *a])):
+        with pytest.raises(SystemExit) as exc:
+            parse(["--ray-address", "auto"])
+        assert exc.value.code == 2 and "--ray-address auto" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            parse(["--ray-workers", "-1"])
+        assert "--ray-workers -1" in capsys.readouterr().err
+    args = iteration_train.parse_args(["--ray-workers", "2"])
+    assert not any(k.startswith("ray_") for k in vars(args))  # kept out of the run identity
