@@ -237,6 +237,9 @@ class RayBackend(JaxBackend):
     def base_params(self):
         loc = self.base_location
         source = ("random",) if not loc or loc == "random" else ("base", loc if "://" in loc else os.path.abspath(loc))
+        if source == ("random",) and self._base is None:
+            log.warning("random base with Ray workers: each worker makes the same seeded init on its own devices, "
+                        "equal to this process's only with the same device layout")
         return self._remember(super().base_params(), source)
 
     def load_params(self, ckpt_dir: str, step: Optional[int] = None):
