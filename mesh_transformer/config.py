@@ -72,11 +72,17 @@ class Config:
     z_loss: float = 1e-4  # mtj's z-loss coefficient during training
     adam_dtype: str = "params"  # dtype of Adam's first moment: the params' (mtj) or "bfloat16" (half the bytes)
     zero: bool = False  # ZeRO: fp32 master params and optimizer state sharded over 'dp' too, gathered for the forward
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None: n_heads
 
     # ----- derived -----
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention); n_heads unless the config sets n_kv_heads."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -159,7 +165,7 @@ _TYPES = {
     "warmup_steps": (_INT, 0, False), "anneal_steps": (_INT, 1, False), "total_steps": (_INT, 0, False),
     "tpu_size": (_INT, 1, False), "val_batches": (_INT, 0, False), "val_every": (_INT, 0, False),
     "ckpt_every": (_INT, 0, False), "keep_every": (_INT, 0, False), "keep_n": (_INT, 0, True),
-    "d_ff": (_INT, 1, True), "pe_rotary_dims": (_INT, None, True),
+    "d_ff": (_INT, 1, True), "n_kv_heads": (_INT, 1, True), "pe_rotary_dims": (_INT, None, True),
     "lr": (_FLOAT, 0, False), "end_lr": (_FLOAT, 0, False), "weight_decay": (_FLOAT, 0, False),
     "z_loss": (_FLOAT, 0, False), "noise_scale_alpha": (_FLOAT, None, True), "p_rationalization": (_FLOAT, 0, True),
     "early_cast": (_BOOL, None, False), "scan_layers": (_BOOL, None, False), "zero": (_BOOL, None, False),

@@ -12,7 +12,7 @@ once instead of B times). Keys are stored after rotary, so a cache never needs t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -53,68 +53,131 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dims: int) -> jax.Ar
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention over key segments
+# Attention over key segments, and the KV cache it writes
 # ---------------------------------------------------------------------------------------------------------------
 class KVSegment(NamedTuple):
-    """Keys/values one query block attends to, with a boolean mask broadcastable to [B, 1, T, S].
+    """Keys/values one query block attends to, head-major, with a boolean mask broadcastable to [B, 1, T, S].
 
-    k, v: [B, S, H, Dh], or [S, H, Dh] for a segment shared by every row (the few-shot prefix); with heads_first,
-    [B, H, S, Dh] or [H, S, Dh] (a decode cache laid out so that no step transposes it).
+    k, v: [B, Hkv, S, Dh], or [Hkv, S, Dh] for a segment shared by every row (the few-shot prefix). Head-major: each
+    (row, head) reads its keys contiguously, so no decode step transposes the cache (the [B, S, H, Dh] layout cost
+    one transpose of the whole cache per step, ~16x slower decode attention on CPU).
     """
     k: jax.Array
     v: jax.Array
     mask: jax.Array
-    heads_first: bool = False
-
-
-# (shared by all rows, heads_first) -> einsum of the scores q.k and of the output p.v
-_SCORE_EQ = {(False, False): "bthd,bshd->bhts", (True, False): "bthd,shd->bhts",
-             (False, True): "bthd,bhsd->bhts", (True, True): "bthd,hsd->bhts"}
-_VALUE_EQ = {(False, False): "bhts,bshd->bthd", (True, False): "bhts,shd->bthd",
-             (False, True): "bhts,bhsd->bthd"}  # (True, True): _shared_heads_first_values
 
 
 def segment_attention(q: jax.Array, segments: Sequence[KVSegment]) -> jax.Array:
-    """softmax(q k^T / sqrt(Dh) + mask) v with one softmax, in float32, over all segments. q: [B, T, H, Dh]."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    """softmax(q k^T / sqrt(Dh) + mask) v with one softmax, in float32, over all segments. q: [B, T, H, Dh].
+
+    Grouped-query attention: H query heads share Hkv = k.shape[-3] key/value heads, query head h reading kv head
+    h // (H / Hkv) (HF's repeat_kv); GPT-J is the case Hkv = H. The kv heads are never repeated in memory."""
+    b, t, h, dh = q.shape
+    hkv = segments[0].k.shape[-3]
+    qg = q.reshape(b, t, hkv, h // hkv, dh)  # [B, T, Hkv, G, Dh]
+    scale = 1.0 / math.sqrt(dh)
     scores = []
     for seg in segments:
-        eq = _SCORE_EQ[(seg.k.ndim == 3, seg.heads_first)]
-        s = jnp.einsum(eq, q, seg.k, preferred_element_type=jnp.float32) * scale  # [B, H, T, S]
-        scores.append(jnp.where(seg.mask, s, NEG_INF))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S], float32
+        eq = "btkgd,ksd->bkgts" if seg.k.ndim == 3 else "btkgd,bksd->bkgts"
+        s = jnp.einsum(eq, qg, seg.k, preferred_element_type=jnp.float32) * scale  # [B, Hkv, G, T, S]
+        scores.append(jnp.where(seg.mask[:, :, None], s, NEG_INF))  # mask [B, 1, 1, T, S]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, Hkv, G, T, sum S], float32
     out = 0.0
     start = 0
     for seg in segments:
-        length = seg.k.shape[-2] if seg.heads_first else seg.k.shape[-3]
-        p = probs[..., start:start + length].astype(seg.v.dtype)  # [B, H, T, S]
-        if seg.v.ndim == 3 and seg.heads_first:
-            out = out + _shared_heads_first_values(p, seg.v)
+        length = seg.k.shape[-2]
+        p = probs[..., start:start + length].astype(seg.v.dtype)  # [B, Hkv, G, T, S]
+        if seg.v.ndim == 3:
+            out = out + _shared_values(p, seg.v)
         else:
-            eq = _VALUE_EQ[(seg.v.ndim == 3, seg.heads_first)]
-            out = out + jnp.einsum(eq, p, seg.v, preferred_element_type=jnp.float32)
+            out = out + _row_values(p, seg.v)
         start += length
-    return out.astype(q.dtype)  # [B, T, H, Dh]
+    return out.reshape(b, t, h, dh).astype(q.dtype)  # [B, T, H, Dh]
 
 
-def _shared_heads_first_values(p: jax.Array, v: jax.Array) -> jax.Array:
-    """p [B, H, T, S] times a shared v [H, S, Dh] -> float32 [B, T, H, Dh], as one matmul batched over heads.
+def _row_values(p: jax.Array, v: jax.Array) -> jax.Array:
+    """p [B, Hkv, G, T, S] times v [B, Hkv, S, Dh] -> float32 [B, T, Hkv, G, Dh], with groups and tokens merged
+    ([B, Hkv, G*T, S]): the 5-d einsum "bkgts,bksd->btkgd" is rejected by XLA's CPU runtime in bf16 (as below)."""
+    b, hkv, g, t, s = p.shape
+    out = jnp.einsum("bkms,bksd->bkmd", p.reshape(b, hkv, g * t, s), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, hkv, g, t, -1).transpose(0, 3, 1, 2, 4)  # [B, T, Hkv, G, Dh]
 
-    The plain einsum "bhts,hsd->bthd" is the same product, but XLA's CPU runtime rejects it in bf16 with a float32
+
+def _shared_values(p: jax.Array, v: jax.Array) -> jax.Array:
+    """p [B, Hkv, G, T, S] times a shared v [Hkv, S, Dh] -> float32 [B, T, Hkv, G, Dh], one matmul batched over heads.
+
+    The plain einsum "bkgts,ksd->btkgd" is the same product, but XLA's CPU runtime rejects it in bf16 with a float32
     result ("Unsupported element type for DotThunk: BF16 x BF16 = F32"), which broke bf16 sampling with a shared
-    prefix on CPU. Heads first with rows and tokens merged ([H, B*T, S]) is a dot every backend runs.
+    prefix on CPU. Heads first with rows, groups and tokens merged ([Hkv, B*G*T, S]) is a dot every backend runs.
     """
-    b, h, t, s = p.shape
-    rows = p.transpose(1, 0, 2, 3).reshape(h, b * t, s)  # [H, B*T, S]
-    out = jnp.einsum("hms,hsd->hmd", rows, v, preferred_element_type=jnp.float32)  # [H, B*T, Dh]
-    return out.reshape(h, b, t, -1).transpose(1, 2, 0, 3)  # [B, T, H, Dh]
+    b, hkv, g, t, s = p.shape
+    rows = p.transpose(1, 0, 2, 3, 4).reshape(hkv, b * g * t, s)  # [Hkv, B*G*T, S]
+    out = jnp.einsum("hms,hsd->hmd", rows, v, preferred_element_type=jnp.float32)  # [Hkv, B*G*T, Dh]
+    return out.reshape(hkv, b, g, t, -1).transpose(1, 3, 0, 2, 4)  # [B, T, Hkv, G, Dh]
 
 
-def causal_mask(token_valid: jax.Array) -> jax.Array:
-    """[B, 1, T, T]: token t attends to t' <= t when t' is a real (non-padding) token."""
+def causal_mask(token_valid: jax.Array, positions: Optional[jax.Array] = None,
+                window: Optional[int] = None) -> jax.Array:
+    """[B, 1, T, T]: token t attends to t' <= t when t' is a real (non-padding) token (and, with a sliding window,
+    when it is fewer than `window` positions back, as HF's sliding_window_overlay)."""
     t = token_valid.shape[1]
     tri = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return tri[None, None] & token_valid[:, None, None, :]
+    mask = tri[None, None] & token_valid[:, None, None, :]
+    if window is not None:
+        mask = mask & ((positions[:, None, :, None] - positions[:, None, None, :]) < window)
+    return mask
+
+
+class LayerCache(NamedTuple):
+    """The decoding state as one layer sees it: the whole stacked cache (carried through the layer stack, so a write
+    is in place), this layer's index in it, where the new tokens go, and what they may read.
+
+    Attention writes the new tokens' keys/values at [layer, :, :, slot:slot+T] first and then reads the layer's
+    slots (the new ones included), as gemma's `Attention` and gpt-fast's `KVCache.update` do: the write precedes the
+    read in the program, so XLA never has to copy the cache to protect a read from a later in-place write.
+    """
+    k: jax.Array  # [L, B, Hkv, S, Dh]
+    v: jax.Array  # [L, B, Hkv, S, Dh]
+    layer: jax.Array  # int32 scalar
+    slot: Any  # int32 scalar (traced while decoding) or a Python int (a prefill at a known slot)
+    mask: jax.Array  # [B, 1, T, S'] slots visible to each new token (S' = slot + T for a Python-int slot, else S)
+    prefix_k: Optional[jax.Array] = None  # [Hkv, P, Dh]: this layer's shared-prefix keys
+    prefix_v: Optional[jax.Array] = None  # [Hkv, P, Dh]
+    prefix_mask: Optional[jax.Array] = None  # [B, 1, T, P]
+
+
+def read_slots(cache: LayerCache) -> int:
+    """How many slots attention reads: all of them while decoding; up to the new tokens when the slot is known at
+    trace time (a prefill into an empty cache does not attend over the slots still to be generated)."""
+    return cache.slot + cache.mask.shape[-2] if isinstance(cache.slot, int) else cache.k.shape[-2]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.Array, positions: jax.Array,
+           cache: Optional[LayerCache], attention_impl: str = "xla", window: Optional[int] = None):
+    """The attention core every family shares. q [B, T, H, Dh]; the new tokens' k, v [B, T, Hkv, Dh] (after rotary).
+
+    Without a cache: causal attention over the new tokens. With one: their keys/values are written into it, then the
+    new tokens attend to the shared prefix (if any) and the cache's visible slots.
+    Returns (attention output [B, T, H, Dh], the cache's updated k, v [L, B, Hkv, S, Dh] or None, None)."""
+    if cache is None:
+        if attention_impl == "cudnn" and window is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # [B, T, H, Dh]
+            return out, None, None
+        seg = KVSegment(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),  # [B, Hkv, T, Dh]
+                        causal_mask(token_valid, positions, window))
+        return segment_attention(q, [seg]), None, None
+    z = jnp.zeros((), jnp.int32)
+    at = (cache.layer, z, z, jnp.asarray(cache.slot, jnp.int32), z)
+    new_k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype), at)
+    new_v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype), at)
+    n = read_slots(cache)
+    layer_k = jax.lax.dynamic_index_in_dim(new_k, cache.layer, 0, keepdims=False)[:, :, :n]  # [B, Hkv, S', Dh]
+    layer_v = jax.lax.dynamic_index_in_dim(new_v, cache.layer, 0, keepdims=False)[:, :, :n]
+    segments = []
+    if cache.prefix_k is not None:
+        segments.append(KVSegment(cache.prefix_k, cache.prefix_v, cache.prefix_mask))
+    segments.append(KVSegment(layer_k.astype(q.dtype), layer_v.astype(q.dtype), cache.mask))
+    return segment_attention(q, segments), new_k, new_v
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,17 +194,6 @@ def _trunc(stddev: float) -> hk.initializers.Initializer:
     return hk.initializers.TruncatedNormal(stddev=stddev)
 
 
-class LayerCache(NamedTuple):
-    """What one layer reads of the decoding state (read only: new keys are returned, not written in place)."""
-    k: jax.Array  # [B, S, H, Dh] ([B, H, S, Dh] with heads_first)
-    v: jax.Array  # [B, S, H, Dh] ([B, H, S, Dh] with heads_first)
-    mask: jax.Array  # [B, 1, T, S]
-    prefix_k: Optional[jax.Array] = None  # [P, H, Dh] ([H, P, Dh] with prefix_heads_first)
-    prefix_v: Optional[jax.Array] = None  # [P, H, Dh] ([H, P, Dh] with prefix_heads_first)
-    heads_first: bool = False
-    prefix_heads_first: bool = False
-
-
 class GPTJBlock(hk.Module):
     """One GPT-J layer: h = LN(x); x + Attn(h) + MLP(h) (parallel residual, one LayerNorm)."""
 
@@ -154,7 +206,8 @@ class GPTJBlock(hk.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
                  cache: Optional[LayerCache] = None):
-        """x [B, T, D]; positions [B, T]; token_valid [B, T]. Returns (x [B, T, D], new k, new v [B, T, H, Dh])."""
+        """x [B, T, D]; positions [B, T]; token_valid [B, T]. Returns (x [B, T, D], the cache's k, v after this
+        layer's write, or None, None without a cache)."""
         b, t, d = x.shape
         h, dh = self.n_heads, self.d_head
         out_init = _trunc((2.0 / self.n_layers) / math.sqrt(d))
@@ -167,23 +220,13 @@ class GPTJBlock(hk.Module):
         q = apply_rotary(q, positions, self.rotary_dims)
         k = apply_rotary(k, positions, self.rotary_dims)
 
-        if cache is None and self.attention_impl == "cudnn":
-            attn = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # [B, T, H, Dh]
-        else:
-            segments = []
-            if cache is not None and cache.prefix_k is not None:
-                segments.append(KVSegment(cache.prefix_k, cache.prefix_v, jnp.ones((1, 1, 1, 1), bool),
-                                          cache.prefix_heads_first))
-            if cache is not None:
-                segments.append(KVSegment(cache.k, cache.v, cache.mask, cache.heads_first))
-            segments.append(KVSegment(k, v, causal_mask(token_valid)))
-            attn = segment_attention(q, segments)  # [B, T, H, Dh]
+        attn, cache_k, cache_v = attend(q, k, v, token_valid, positions, cache, self.attention_impl)
         attn_out = hk.Linear(d, with_bias=False, w_init=out_init, name="out")(attn.reshape(b, t, inner))
 
         ff = hk.Linear(self.d_ff, name="fc_in")(hidden)  # [B, T, F]
         ff = jax.nn.gelu(ff, approximate=True)
         ff_out = hk.Linear(d, w_init=out_init, name="fc_out")(ff)  # [B, T, D]
-        return x + attn_out + ff_out, k, v
+        return x + attn_out + ff_out, cache_k, cache_v
 
 
 class Embedding(hk.Module):

@@ -118,7 +118,7 @@ def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: in
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from .model import HeadMajorPrefixKV
+    from .model import PrefixKV
     from .sampling import DP, MP, bucket_length, sampler_kv_bytes
     cfg, mesh = sampler.config, sampler.mesh
     b = -(-batch // mesh.shape[DP]) * mesh.shape[DP]
@@ -128,9 +128,9 @@ def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: in
                           shapes, sampler.param_shardings)
     pre_kv = pre_logits = None
     if prefix:
-        kv = jax.ShapeDtypeStruct((cfg.layers, cfg.n_heads, prefix, cfg.d_head), sampler.model.compute_dtype,
+        kv = jax.ShapeDtypeStruct((cfg.layers, cfg.kv_heads, prefix, cfg.d_head), sampler.model.compute_dtype,
                                   sharding=NamedSharding(mesh, P(None, MP, None, None)))
-        pre_kv = HeadMajorPrefixKV(kv, kv)
+        pre_kv = PrefixKV(kv, kv)
         pre_logits = jax.ShapeDtypeStruct((cfg.n_vocab,), jnp.float32, sharding=NamedSharding(mesh, P()))
     rows, rows2d = NamedSharding(mesh, P(DP)), NamedSharding(mesh, P(DP, None))
 
@@ -144,7 +144,7 @@ def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: in
     dtype_bytes = jnp.dtype(sampler.model.compute_dtype).itemsize
     kv_total = sampler_kv_bytes(cfg, b, prompt, new_tokens, prefix, dtype_bytes)
     devices = mesh.shape[DP] * mesh.shape[MP]
-    kv_split = mesh.shape[MP] if cfg.n_heads % mesh.shape[MP] == 0 else 1
+    kv_split = mesh.shape[MP] if cfg.kv_heads % mesh.shape[MP] == 0 else 1
     detail = {"params": per_device_bytes(params),
               "KV cache": kv_total // (kv_split * mesh.shape[DP]) if devices > 1 else kv_total}
     return _usage(f"sampler (batch {b}, prefix {prefix} + prompt {prompt} (bucket {tp}) + {new_tokens} new)",

@@ -31,34 +31,19 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 class KVCache(NamedTuple):
-    """Decoding state of a batch: keys/values (after rotary) of every slot written so far, and which slots hold a
-    real token. The sampler owns it; the model only reads it and returns the new tokens' keys/values."""
-    k: jax.Array  # [L, B, S, H, Dh]
-    v: jax.Array  # [L, B, S, H, Dh]
+    """Decoding state of a batch, head-major: keys (after rotary) and values of every slot written so far, and which
+    slots hold a real token. `forward` writes the new tokens into it inside attention (in place under jit) and
+    returns it. Each (row, kv head) reads its keys contiguously, so no decode step transposes the cache."""
+    k: jax.Array  # [L, B, Hkv, S, Dh]
+    v: jax.Array  # [L, B, Hkv, S, Dh]
     pos: jax.Array  # [B, S] int32: position of the token in each slot
     valid: jax.Array  # [B, S] bool: slot holds a real token
 
 
 class PrefixKV(NamedTuple):
     """Keys/values of a prompt shared by every row (positions 0..P-1), stored once, not per row."""
-    k: jax.Array  # [L, P, H, Dh]
-    v: jax.Array  # [L, P, H, Dh]
-
-
-class HeadMajorKVCache(NamedTuple):
-    """A KVCache laid out [L, B, H, S, Dh] for decoding: each (row, head) reads its keys contiguously, so attention
-    needs no transpose of the whole cache per step (the [L, B, S, H, Dh] layout costs one, ~16x slower attention
-    on CPU). `forward` still returns new keys/values [L, B, T, H, Dh]; the writer transposes those few."""
-    k: jax.Array  # [L, B, H, S, Dh]
-    v: jax.Array  # [L, B, H, S, Dh]
-    pos: jax.Array  # [B, S] int32
-    valid: jax.Array  # [B, S] bool
-
-
-class HeadMajorPrefixKV(NamedTuple):
-    """A PrefixKV laid out [L, H, P, Dh] (see HeadMajorKVCache)."""
-    k: jax.Array  # [L, H, P, Dh]
-    v: jax.Array  # [L, H, P, Dh]
+    k: jax.Array  # [L, Hkv, P, Dh]
+    v: jax.Array  # [L, Hkv, P, Dh]
 
 
 def _remat_policy(name: str):
@@ -77,9 +62,10 @@ class CausalTransformer:
 
     # ----------------------------------------------------------------- Haiku function
     def _forward_fn(self, tokens, positions, token_valid, cache: Optional[KVCache], prefix: Optional[PrefixKV],
-                    last_only: bool = False):
+                    slot=0, last_only: bool = False):
         cfg = self.config
         dtype = _DTYPES[cfg.compute_dtype]
+        window = getattr(cfg, "sliding_window", None)
 
         def in_compute_dtype(next_getter, value, context):
             return next_getter(value.astype(dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value)
@@ -89,40 +75,56 @@ class CausalTransformer:
         with hk.custom_getter(in_compute_dtype):
             x = Embedding(cfg.n_vocab, cfg.d_model)(tokens, dtype)  # [B, T, D]
 
-        def layer(x, *per_layer):
+        if prefix is not None and cache is None:
+            raise ValueError("a shared prefix needs a KVCache for the rows")
+        mask = prefix_mask = None
+        if cache is not None:
+            # the new tokens' slots first, so that they see themselves and the earlier ones
+            z = jnp.zeros((), jnp.int32)
+            at = (z, jnp.asarray(slot, jnp.int32))
+            cache = cache._replace(pos=jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), at),
+                                   valid=jax.lax.dynamic_update_slice(cache.valid, token_valid, at))
+            n = slot + tokens.shape[1] if isinstance(slot, int) else cache.pos.shape[1]  # slots read (read_slots)
+            pos, valid = cache.pos[:, :n], cache.valid[:, :n]
+            # slot s is visible to new token t when it holds a real token at an earlier or equal position
+            mask = valid[:, None, None, :] & (pos[:, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, S']
+            if window is not None:
+                mask = mask & ((positions[:, None, :, None] - pos[:, None, None, :]) < window)
+            if prefix is not None:
+                p_pos = jnp.arange(prefix.k.shape[2], dtype=jnp.int32)
+                prefix_mask = jnp.ones((1, 1, 1, 1), bool)
+                if window is not None:
+                    prefix_mask = (positions[:, None, :, None] - p_pos[None, None, None, :]) < window  # [B,1,T,P]
+
+        def layer(carry, index, *prefix_kv):
+            x, ck, cv = carry
             layer_cache = None
             if cache is not None:
-                ck, cv = per_layer[0], per_layer[1]
-                pk, pv = (per_layer[2], per_layer[3]) if prefix is not None else (None, None)
-                # slot s is visible to new token t when it holds a real token at an earlier or equal position
-                mask = cache.valid[:, None, None, :] & (cache.pos[:, None, None, :] <= positions[:, None, :, None])
-                layer_cache = LayerCache(ck, cv, mask, pk, pv,  # mask [B, 1, T, S]
-                                         heads_first=isinstance(cache, HeadMajorKVCache),
-                                         prefix_heads_first=isinstance(prefix, HeadMajorPrefixKV))
-            block = GPTJBlock(cfg.n_heads, cfg.d_head, cfg.ffn_dim, cfg.rotary_dims, cfg.layers,
-                              attention_impl=cfg.attention_impl, name="block")
+                pk, pv = prefix_kv if prefix is not None else (None, None)
+                layer_cache = LayerCache(ck, cv, index, slot, mask, pk, pv, prefix_mask)
+            block = self._block(cfg)
             with hk.custom_getter(in_compute_dtype):  # this layer's slice of the stacked params
-                x, k, v = block(x, positions, token_valid, layer_cache)
-            return x, (k, v)
+                x, ck, cv = block(x, positions, token_valid, layer_cache)
+            return (x, ck, cv), None
 
         if cfg.remat != "none":
             layer = hk.remat(layer, policy=_remat_policy(cfg.remat))
-        per_layer_inputs = ()
-        if cache is not None:
-            per_layer_inputs = (cache.k, cache.v) + ((prefix.k, prefix.v) if prefix is not None else ())
-        elif prefix is not None:
-            raise ValueError("a shared prefix needs a KVCache for the rows (it may have zero slots)")
         stack = hk.layer_stack(cfg.layers, with_per_layer_inputs=True,
                                unroll=1 if cfg.scan_layers else cfg.layers, name="layers")
-        if per_layer_inputs:
-            x, (new_k, new_v) = stack(layer)(x, *per_layer_inputs)
-        else:
-            x, (new_k, new_v) = stack(lambda x, _: layer(x))(x, jnp.zeros((cfg.layers,), jnp.int32))
+        per_layer = (jnp.arange(cfg.layers, dtype=jnp.int32),) + ((prefix.k, prefix.v) if prefix is not None else ())
+        # the whole cache rides in the carry: each layer writes its slice in place and reads it back
+        carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
+        (x, ck, cv), _ = stack(layer)(carry, *per_layer)
         if last_only:  # prefill needs the next-token logits only: skip a [B, T, V] float32 tensor
             x = x[:, -1:]
         with hk.custom_getter(in_compute_dtype):
             logits = Projection(cfg.n_vocab)(x)  # [B, T, V] float32 ([B, 1, V] with last_only)
-        return logits, new_k, new_v  # new_k, new_v: [L, B, T, H, Dh]
+        return logits, (cache._replace(k=ck, v=cv) if cache is not None else None)
+
+    @staticmethod
+    def _block(cfg: Config):
+        return GPTJBlock(cfg.n_heads, cfg.d_head, cfg.ffn_dim, cfg.rotary_dims, cfg.layers,
+                         attention_impl=cfg.attention_impl, name="block")
 
     # ----------------------------------------------------------------- public API
     def init(self, rng: jax.Array) -> Params:
@@ -144,21 +146,21 @@ class CausalTransformer:
 
     def forward(self, params: Params, tokens: jax.Array, positions: Optional[jax.Array] = None,
                 token_valid: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                prefix: Optional[PrefixKV] = None, *, last_only: bool = False):
+                prefix: Optional[PrefixKV] = None, slot=0, *, last_only: bool = False):
         """Runs the model on tokens [B, T] at `positions` [B, T] (default 0..T-1).
 
-        With `cache` (a KVCache, or a HeadMajorKVCache for decoding), the new tokens also attend to the cache's valid
-        slots (and to `prefix`, a PrefixKV or HeadMajorPrefixKV, when given). last_only: logits of the last token
-        only ([B, 1, V]), as a prefill needs.
-        Returns (logits float32 [B, T, V], new keys, new values [L, B, T, H, Dh]); the caller writes the new
-        keys/values into its cache (in place, under jit with donation).
+        With `cache`, the new tokens' keys/values (and positions, validity) are written at slots [slot, slot + T),
+        in place under jit, and the new tokens attend to the cache's valid slots at positions <= theirs (and to
+        `prefix`, when given). `slot` may be traced (decoding) or a Python int (a prefill: then only slots
+        [0, slot + T) are read). last_only: logits of the last token only ([B, 1, V]), as a prefill needs.
+        Returns (logits float32 [B, T, V], the updated KVCache, or None without a cache).
         """
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
-        return self._net.apply(params, tokens, positions, token_valid, cache, prefix, last_only)
+        return self._net.apply(params, tokens, positions, token_valid, cache, prefix, slot, last_only)
 
     def logits(self, params: Params, tokens: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] of tokens [B, T]."""
@@ -174,17 +176,20 @@ class CausalTransformer:
         logits = self.logits(params, tokens)  # [B, T, V]
         return masked_lm_loss(logits, targets, loss_mask, self.config.z_loss if z_loss else 0.0)
 
-    def init_cache(self, batch: int, slots: int, dtype=None, heads_first: bool = False) -> KVCache:
-        """An empty KVCache [L, B, S, H, Dh] (a HeadMajorKVCache [L, B, H, S, Dh] with heads_first)."""
+    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+        """An empty KVCache [L, B, Hkv, S, Dh]. v starts at -0.0 (equal to 0 in every use): two identical zero
+        buffers are merged by XLA into one, which it then copies once per cache before the first in-place write."""
         cfg = self.config
         dtype = dtype or _DTYPES[cfg.compute_dtype]
-        if heads_first:
-            shape = (cfg.layers, batch, cfg.n_heads, slots, cfg.d_head)
-            return HeadMajorKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                    jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
-        shape = (cfg.layers, batch, slots, cfg.n_heads, cfg.d_head)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        shape = (cfg.layers, batch, cfg.kv_heads, slots, cfg.d_head)
+        return KVCache(jnp.zeros(shape, dtype), jnp.full(shape, -0.0, dtype),
                        jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
+
+    def prefix_kv(self, params: Params, tokens: jax.Array) -> tuple[PrefixKV, jax.Array]:
+        """(PrefixKV [L, Hkv, P, Dh] of one shared prompt tokens [1, P], float32 logits after it [V])."""
+        cache = self.init_cache(1, tokens.shape[1])
+        logits, cache = self.forward(params, tokens, cache=cache, slot=0, last_only=True)  # [1, 1, V]
+        return PrefixKV(cache.k[:, 0], cache.v[:, 0]), logits[0, -1]
 
 
 def masked_lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: Optional[jax.Array], z_coef: float):

@@ -10,15 +10,16 @@ P shared-prefix tokens, V vocabulary, L layers, H heads, Dh d_head.
 Design
   * The KV cache is allocated inside the jitted function and carried by the while loop, so every
     `lax.dynamic_update_slice` into it is in place; nothing crosses the jit boundary but tokens and params.
-    It is head-major ([L, B, H, S, Dh], `HeadMajorKVCache`; the prefix [L, H, P, Dh]): attention then reads each
-    (row, head)'s keys contiguously, where the model's default [L, B, S, H, Dh] layout makes XLA transpose the
-    cache at every step (the decode attention einsum alone: 16x slower on CPU).
+    It is head-major (`model.KVCache` [L, B, Hkv, S, Dh]; the prefix [L, Hkv, P, Dh]): attention reads each
+    (row, head)'s keys contiguously ([L, B, S, H, Dh] made XLA transpose the cache every step: 16x slower decode
+    attention on CPU). The model writes each layer's new keys inside attention, before reading them, so the
+    write is in place and needs no ordering trick.
   * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 to 32, multiples of 32 to 256, then
     of 64), so the last prompt token of every row sits at index Tp-1 and compiles stay few. A row's positions
     count from 0 (from P with a shared prefix) after its padding; pads have token_valid False and are never
     attended to.
   * Shared prefix (few-shot exemplars): its keys/values are computed once (batch 1) and stored as one
-    `HeadMajorPrefixKV` [L, H, P, Dh] that every row attends to, cached by its token ids across calls and
+    `PrefixKV` [L, H, P, Dh] that every row attends to, cached by its token ids across calls and
     batches, so neither memory nor prefill time scales with batch x prefix length.
   * Stops, per row, checked on device each step: EOS; any token in `stop_tokens` (for a stop string: every vocabulary
     token whose decoded text CONTAINS it, so GPT-2's "\\n\\n" token stops on "\\n"; exact whenever the stop string
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .model import CausalTransformer, HeadMajorKVCache, HeadMajorPrefixKV
+from .model import CausalTransformer, KVCache, PrefixKV
 from .sharding import DP, MP, make_mesh, named, param_specs, place
 
 Array = jax.Array
@@ -103,46 +104,23 @@ def sample_tokens(logits: Array, temperature: Array, top_k: Array, top_p: Array,
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill and one decode step over a preallocated cache
 # ---------------------------------------------------------------------------------------------------------------
-def write_cache(cache, k: Array, v: Array, positions: Array, valid: Array, slot):
-    """Writes new keys/values k, v [L, B, T, H, Dh] (and their positions, validity [B, T]) at slots
-    [slot, slot + T) of a KVCache or HeadMajorKVCache, in place under jit."""
-    z = jnp.zeros((), jnp.int32)
-    slot = jnp.asarray(slot, jnp.int32)
-    at = (z, z, slot, z, z)
-    if isinstance(cache, HeadMajorKVCache):
-        k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # [L, B, H, T, Dh]
-        at = (z, z, z, slot, z)
-    return type(cache)(
-        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
-        jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (z, slot)),
-        jax.lax.dynamic_update_slice(cache.valid, valid, (z, slot)))
-
-
 def prefill(model: CausalTransformer, params: Any, tokens: Array, positions: Array, valid: Array,
-            slots: int, prefix=None, heads_first: bool = True):
-    """Runs the prompts tokens [B, Tp] (left-padded) and returns (logits of the last slot [B, V], a cache of `slots`
-    slots holding the prompts' keys/values in slots [0, Tp); a HeadMajorKVCache unless heads_first is False)."""
-    b, t = tokens.shape
-    empty = model.init_cache(b, 0) if prefix is not None else None  # the model needs a cache to read a prefix
-    logits, k, v = model.forward(params, tokens, positions, valid, empty, prefix, last_only=True)  # [B, 1, V]
-    cache = model.init_cache(b, slots, heads_first=heads_first)
-    cache = write_cache(cache, k, v, positions, valid, 0)
+            slots: int, prefix: Optional[PrefixKV] = None):
+    """Runs the prompts tokens [B, Tp] (left-padded) and returns (logits of the last slot [B, V], a KVCache of
+    `slots` slots holding the prompts' keys/values in slots [0, Tp))."""
+    cache = model.init_cache(tokens.shape[0], slots)
+    logits, cache = model.forward(params, tokens, positions, valid, cache, prefix, 0, last_only=True)  # [B, 1, V]
     return logits[:, -1], cache
 
 
-def decode_step(model: CausalTransformer, params: Any, cache, tokens: Array, positions: Array, slot, prefix=None):
-    """Feeds one token per row (tokens, positions [B]) and writes its keys/values at `slot`.
+def decode_step(model: CausalTransformer, params: Any, cache: KVCache, tokens: Array, positions: Array, slot,
+                prefix: Optional[PrefixKV] = None):
+    """Feeds one token per row (tokens, positions [B]); attention writes its keys/values at `slot`.
     Returns (logits [B, V], updated cache)."""
-    b = tokens.shape[0]
-    ones = jnp.ones((b, 1), bool)
-    logits, k, v = model.forward(params, tokens[:, None], positions[:, None], ones, cache, prefix)
-    # The last layer's new keys exist before its attention has read the cache, so XLA may schedule the in-place
-    # write first and then protects the read by copying the whole cache (twice per step, seen with unrolled layers;
-    # an optimization_barrier does not prevent it). A data dependency of the write on the logits (which need every
-    # layer's read) orders the reads first: the slot offset is 0, but XLA cannot know that.
-    slot = slot + jnp.minimum(jnp.argmax(logits[0, 0]), 0).astype(jnp.int32)  # + 0, always
-    return logits[:, 0], write_cache(cache, k, v, positions[:, None], ones, slot)
+    ones = jnp.ones((tokens.shape[0], 1), bool)
+    logits, cache = model.forward(params, tokens[:, None], positions[:, None], ones, cache, prefix,
+                                  jnp.asarray(slot, jnp.int32))
+    return logits[:, 0], cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,14 +134,14 @@ class SampleOutput(NamedTuple):
     logprobs: np.ndarray  # [n, N] float32
 
 
-def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, prefix: Optional[HeadMajorPrefixKV],
+def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, prefix: Optional[PrefixKV],
                    prefix_logits, tokens, prompt_len, row_keys, temperature, top_k, top_p, eos_id, stop_mask,
                    stop_seqs):
     """prefill + while_loop decode. tokens [B, Tp] left-padded; prompt_len [B]; row_keys [B, 2] PRNG key data;
     temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1: wildcard,
     -3: never matches)."""
     b, tp = tokens.shape
-    n_prefix = 0 if prefix is None else prefix.k.shape[2]  # [L, H, P, Dh]
+    n_prefix = 0 if prefix is None else prefix.k.shape[2]  # [L, Hkv, P, Dh]
     slots = tp + max_new - 1  # the last new token's keys are never needed
     kv_sharding = named(mesh, _cache_specs())
     row = NamedSharding(mesh, P(DP))
@@ -225,10 +203,10 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
     return out, jax.lax.with_sharding_constraint(state["lengths"], row), state["logp"]
 
 
-def _cache_specs() -> HeadMajorKVCache:
-    """HeadMajorKVCache [L, B, H, S, Dh]: rows over dp, heads over mp (as sharding.cache_specs for KVCache)."""
-    kv = P(None, DP, MP, None, None)
-    return HeadMajorKVCache(kv, kv, P(DP, None), P(DP, None))
+def _cache_specs() -> KVCache:
+    """KVCache [L, B, Hkv, S, Dh]: rows over dp, kv heads over mp (as sharding.cache_specs)."""
+    from .sharding import cache_specs
+    return cache_specs()
 
 
 def bucket_length(n: int) -> int:
@@ -271,7 +249,7 @@ class Sampler:
                              out_shardings=self.param_shardings)
         self._generate = jax.jit(functools.partial(_generate_impl, model, self.mesh), static_argnums=(0,))
         prefix_spec = NamedSharding(self.mesh, P(None, MP, None, None))
-        self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(HeadMajorPrefixKV(prefix_spec, prefix_spec),
+        self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(PrefixKV(prefix_spec, prefix_spec),
                                                                     NamedSharding(self.mesh, P())))
         self._prefixes: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._prefix_cache_size = prefix_cache_size
@@ -312,11 +290,10 @@ class Sampler:
 
     # ----------------------------------------------------------------- shared prefix
     def _prefix_impl(self, params, tokens):
-        logits, k, v = self.model.forward(params, tokens, last_only=True)  # [1, 1, V], [L, 1, P, H, Dh]
-        return HeadMajorPrefixKV(k[:, 0].transpose(0, 2, 1, 3), v[:, 0].transpose(0, 2, 1, 3)), logits[0, -1]
+        return self.model.prefix_kv(params, tokens)  # PrefixKV [L, Hkv, P, Dh], logits [V]
 
-    def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[HeadMajorPrefixKV, Array]:
-        """(HeadMajorPrefixKV [L, H, P, Dh], logits after the prefix [V]), computed once per distinct prefix (LRU)."""
+    def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[PrefixKV, Array]:
+        """(PrefixKV [L, H, P, Dh], logits after the prefix [V]), computed once per distinct prefix (LRU)."""
         key = tuple(int(i) for i in prefix_ids)
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
@@ -531,7 +508,7 @@ def tokens_containing(tokenizer: Any, text: str, n_vocab: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 def kv_cache_bytes(config: Any, batch: int, slots: int, prefix_len: int = 0, dtype_bytes: int = 2) -> int:
     """Bytes of keys + values for `batch` rows of `slots` slots plus one shared prefix of prefix_len tokens."""
-    per_token = 2 * config.layers * config.n_heads * config.d_head * dtype_bytes
+    per_token = 2 * config.layers * config.kv_heads * config.d_head * dtype_bytes
     return per_token * (batch * slots + prefix_len)
 
 

@@ -125,7 +125,7 @@ def batch_spec(ndim: int) -> P:
 
 
 def cache_specs() -> Any:
-    """Specs for mesh_transformer.model.KVCache: k/v [L, B, S, H, Dh] rows over dp, heads over mp."""
+    """Specs for mesh_transformer.model.KVCache: k/v [L, B, Hkv, S, Dh] rows over dp, kv heads over mp."""
     from .model import KVCache
-    kv = P(None, DP, None, MP, None)
+    kv = P(None, DP, MP, None, None)
     return KVCache(kv, kv, P(DP, None), P(DP, None))
