@@ -29,10 +29,18 @@ Deviations from mtj (docs/DEVIATIONS.md):
 - `checkpoints` keeps save order as mtj (the last entry is the latest); re-saving a step moves it to the end.
 - files are byte-reproducible: npz members carry a fixed timestamp (np.savez stamps the current time). Same format.
 
+Multi-process runs (jax.distributed; the state's arrays span several processes): the same files, written by
+several writers. Shard folder s holds mp slice s, and the process whose device sits at mesh position (dp 0, mp s)
+writes it (one writer per folder, the replicas on other dp rows write nothing); leaves laid out otherwise (e.g.
+sharded over dp as well) are first resharded, leaf by leaf, to the mp-only layout. Process 0 does steps 1, 3 and 4
+alone; barriers (distributed.barrier) put every process's step 2 after step 1 and before step 3, so meta.json
+names a step only once every process has written all its files. The shard count must be the mesh's mp size.
+
 Test hook: with the environment variable STAR_TEST_CRASH_AT_STEP=N, `save_checkpoint` of step N kills its own
 process with SIGKILL after writing some (not all) of step N's files and before meta.json names the step, so tests
-can check that a crash mid-save leaves the previous checkpoint usable and a restart resumes exactly. Never set it
-outside tests.
+can check that a crash mid-save leaves the previous checkpoint usable and a restart resumes exactly (in a
+multi-process run: right after this process's first file of step N, or, for a process that writes no folder, at
+the same point as in one process). Never set it outside tests.
 """
 from __future__ import annotations
 
@@ -340,36 +348,44 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
             raise CheckpointError("Adam mu does not have the structure of the params; was the optimizer made for them?")
     keep_n = cfg.keep_n if keep_n is None else keep_n
     keep_every = (cfg.keep_every or None) if keep_every is None else keep_every
+    mesh = _spanning_mesh(params)  # None: every array is in this process (one process, or host arrays)
+    if mesh is not None and mesh.shape["mp"] != shards:
+        raise CheckpointError(f"a multi-process checkpoint is written with one shard per mp slice: shards={shards} but "
+                              f"the mesh has mp={mesh.shape['mp']}; save with shards={mesh.shape['mp']} (reshard it "
+                              f"afterwards in one process with resharding_example.py)")
+    main = mesh is None or jax.process_index() == 0
+    from . import distributed
 
     path = path.rstrip("/")
-    _makedirs(path)
-    meta = _read_meta(path)
-    had_meta = meta is not None
-    meta = meta or {"step": 0, "checkpoints": [], "aux": {}}
-    listed = [int(s) for s in meta["checkpoints"]]
+    step_dir = _join(path, f"step_{step}")
+    if main:
+        _makedirs(path)
+        meta = _read_meta(path)
+        had_meta = meta is not None
+        meta = meta or {"step": 0, "checkpoints": [], "aux": {}}
+        listed = [int(s) for s in meta["checkpoints"]]
 
-    # 1. step N stops being named before its folder is touched; leftovers of crashed saves go
-    if step in listed:
-        listed.remove(step)
-        meta["checkpoints"] = listed
-        meta["aux"].pop(str(step), None)
-        if listed:
-            meta["step"] = listed[-1]
-        _write_meta(path, meta)
-    stale = {step} | {int(s) for s in meta.get("deleting", [])}
-    if had_meta:
-        newest = max(listed, default=-1)
-        stale |= {int(m.group(1)) for m in map(_STEP_RE.match, _list_dirs(path)) if m and int(m.group(1)) > newest
-                  and int(m.group(1)) not in listed}
-    for s in sorted(stale):
-        _rmtree(_join(path, f"step_{s}"))
+        # 1. step N stops being named before its folder is touched; leftovers of crashed saves go
+        if step in listed:
+            listed.remove(step)
+            meta["checkpoints"] = listed
+            meta["aux"].pop(str(step), None)
+            if listed:
+                meta["step"] = listed[-1]
+            _write_meta(path, meta)
+        stale = {step} | {int(s) for s in meta.get("deleting", [])}
+        if had_meta:
+            newest = max(listed, default=-1)
+            stale |= {int(m.group(1)) for m in map(_STEP_RE.match, _list_dirs(path))
+                      if m and int(m.group(1)) > newest and int(m.group(1)) not in listed}
+        for s in sorted(stale):
+            _rmtree(_join(path, f"step_{s}"))
+        for s in range(shards):
+            _makedirs(_join(step_dir, f"shard_{s}"))
 
     # 2. every file of step N
-    step_dir = _join(path, f"step_{step}")
     leaves = L.leaf_list(cfg.layers, with_opt)
     bounds = L.chunk_bounds(len(leaves))
-    for s in range(shards):
-        _makedirs(_join(step_dir, f"shard_{s}"))
     cast = ml_dtypes.bfloat16 if slim else None
     sources = {L.PARAMS: params}
     if with_opt:
@@ -388,18 +404,15 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
         return _host(x, cast if leaf.group == L.PARAMS else None)
 
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=min(16, shards)) as pool:
-        for j, (a, b) in enumerate(bounds):
-            per_shard = [[] for _ in range(shards)]
-            for leaf in leaves[a:b]:
-                for s, part in enumerate(L.cut(leaf, full_leaf(leaf), shards)):
-                    per_shard[s].append(part)
-            list(pool.map(lambda s: _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s]),
-                          range(shards)))
-            if j == L.PIECES // 2 and os.environ.get(CRASH_ENV) == str(step):  # test hook: die mid-save
-                log.warning("%s=%d: killing this process in the middle of writing %s", CRASH_ENV, step, step_dir)
-                logging.shutdown()
-                os.kill(os.getpid(), signal.SIGKILL)
+    if mesh is not None:
+        distributed.barrier(f"checkpoint step {step}: folder ready")
+        _write_own_shards(cfg, mesh, step, step_dir, leaves, bounds, sources, scalars, cast, shards)
+        distributed.barrier(f"checkpoint step {step}: all shards written")
+        if not main:
+            distributed.barrier(f"checkpoint step {step}: committed")
+            return
+    else:
+        _write_all_shards(step, step_dir, leaves, bounds, full_leaf, shards)
     log.info("wrote %s (%d shards, %d leaves each) in %.1fs", step_dir, shards, len(leaves), time.time() - t0)
 
     # 3. commit
@@ -425,6 +438,88 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
             _rmtree(_join(path, f"step_{s}"))
         del meta["deleting"]
         _write_meta(path, meta)
+    if mesh is not None:
+        distributed.barrier(f"checkpoint step {step}: committed")
+
+
+def _crash_hook(step: int, step_dir: str) -> None:
+    if os.environ.get(CRASH_ENV) == str(step):  # test hook: die mid-save
+        log.warning("%s=%d: killing this process in the middle of writing %s", CRASH_ENV, step, step_dir)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_all_shards(step: int, step_dir: str, leaves, bounds, full_leaf, shards: int) -> None:
+    """One process writes every file of the step from the full leaves."""
+    with ThreadPoolExecutor(max_workers=min(16, shards)) as pool:
+        for j, (a, b) in enumerate(bounds):
+            per_shard = [[] for _ in range(shards)]
+            for leaf in leaves[a:b]:
+                for s, part in enumerate(L.cut(leaf, full_leaf(leaf), shards)):
+                    per_shard[s].append(part)
+            list(pool.map(lambda s: _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s]),
+                          range(shards)))
+            if j == L.PIECES // 2:
+                _crash_hook(step, step_dir)
+
+
+def _spanning_mesh(params: Any):
+    """The mesh of params whose arrays span several processes (a multi-process run), else None."""
+    for x in jax.tree.leaves(params):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.sharding.mesh
+    return None
+
+
+def _write_own_shards(cfg: Config, mesh, step: int, step_dir: str, leaves, bounds, sources, scalars, cast, shards: int) -> None:
+    """This process's part of a multi-process save: the folders shard_s whose mp slice s sits on one of its devices
+    at dp row 0. Each leaf is read from that device alone (the layer asked for, sliced there), never gathered."""
+    from .sharding import leaf_spec
+    from jax.sharding import NamedSharding
+    grid = np.moveaxis(mesh.devices, [mesh.axis_names.index("dp"), mesh.axis_names.index("mp")], [0, 1])
+    writer_of = [grid[0, s] for s in range(shards)]
+    own = [s for s in range(shards) if writer_of[s].process_index == jax.process_index()]
+    first_file = True
+
+    def ckpt_layout(leaf: L.Leaf, x: jax.Array) -> jax.Array:
+        """x in the mp-only layout of its param (resharded leaf by leaf when it is laid out otherwise)."""
+        target = NamedSharding(mesh, leaf_spec(leaf.rule.module, leaf.rule.name))
+        if x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.device_put(x, target)
+
+    for j, (a, b) in enumerate(bounds):
+        per_shard: Dict[int, List[np.ndarray]] = {s: [] for s in own}
+        resharded: Dict[Tuple[str, str, str], jax.Array] = {}  # within one file's leaves
+        for leaf in leaves[a:b]:
+            if leaf.rule is None:
+                for s in own:
+                    per_shard[s].append(scalars[leaf.group])
+                continue
+            rule = leaf.rule
+            key = (leaf.group, rule.module, rule.name)
+            if key not in resharded:
+                resharded[key] = ckpt_layout(leaf, sources[leaf.group][rule.module][rule.name])
+            x = resharded[key]
+            by_device = {shard.device: shard.data for shard in x.addressable_shards}
+            dtype = cast if leaf.group == L.PARAMS else None
+            for s in own:
+                local = by_device[writer_of[s]]  # [L?, ...] this device's slice
+                part = _host(local[leaf.layer] if leaf.layer is not None else local, dtype)
+                if rule.kind == L.SPLIT:
+                    if part.shape != L.shard_shape(rule, cfg, shards):  # the layout is leaf_spec's: a bug if not
+                        raise AssertionError(f"{leaf.our_path}: device slice {part.shape}, expected "
+                                             f"{L.shard_shape(rule, cfg, shards)}")
+                else:  # replicated: the device holds the whole leaf; shard s gets mtj's part of it
+                    part = L.cut(leaf, part, shards)[s]
+                per_shard[s].append(part)
+        for s in own:
+            _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s])
+            if first_file:
+                first_file = False
+                _crash_hook(step, step_dir)
+        if not own and j == L.PIECES // 2:
+            _crash_hook(step, step_dir)
 
 
 # ================================================================================== load
