@@ -1,9 +1,10 @@
 """Multi-process training through jax.distributed on this machine: 2 processes x 4 CPU devices on 127.0.0.1.
 
-- 5 steps on a (2,4) and on an (8,1) global mesh give the losses of one process with 8 devices (fp32, rtol 1e-5),
-  with metrics written by process 0 alone;
-- the checkpoint the 2 processes write (each its shard folders, process 0 committing) loads in one process
-  bit-exactly (params, Adam state, loader position) to the state they held;
+- 5 steps on a (2,4) and on an (8,1) global mesh, and on (2,4) with ZeRO sharding (state split over dp too), give
+  the losses of one process with 8 devices (fp32, rtol 1e-5), with metrics written by process 0 alone;
+- the checkpoint the 2 processes write (each its shard folders, process 0 committing; ZeRO's dp-split leaves
+  resharded leaf by leaf to the file layout first) loads in one process bit-exactly (params, Adam state, loader
+  position) to the state they held;
 - process 1 SIGKILLed right after writing its first shard file of step 4 on a (1,8) mesh (where each process writes
   4 of the 8 shard folders): meta.json still names step 2, and both processes restarted resume there and end with
   the losses of the uninterrupted run (the redone steps bit-exactly, the whole run within rtol 1e-5 of one process).
@@ -53,11 +54,12 @@ def _losses(folder: pathlib.Path) -> list:
     return [m["loss"] for m in read_metrics(folder / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module", params=[(2, 4), (8, 1)], ids=["mesh2x4", "mesh8x1"])
+@pytest.fixture(scope="module", params=[(2, 4, False), (8, 1, False), (2, 4, True)],
+                ids=["mesh2x4", "mesh8x1", "mesh2x4_zero"])
 def two_proc(request, work) -> dict:
-    dp, mp = request.param
-    name = f"two_{dp}x{mp}"
-    config = _config(work, name, dp, mp)
+    dp, mp, zero = request.param
+    name = f"two_{dp}x{mp}" + ("_zero" if zero else "")
+    config = _config(work, name, dp, mp, **({"zero": True} if zero else {}))
     out = work["root"] / name
     dump = str(out / "final_state.npz")
     codes = two_process_run(config, out, work["cache"], "run", dump=dump)
