@@ -629,7 +629,8 @@ def _opt_state_from(cfg: Config, params: Any, mu: Any, nu: Any, adam_count: Any,
 
 
 def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
-                    forget_bad: bool = False) -> Tuple[Any, Optional[Any], int, dict]:
+                    forget_bad: bool = False, shardings: Any = None,
+                    param_dtype: Any = None) -> Tuple[Any, Optional[Any], int, dict]:
     """Reads a v1 checkpoint into host numpy arrays in our layout, from any number of shards.
 
     path: a checkpoint folder with meta.json (step None: its latest committed step), or a step_N folder itself
@@ -639,16 +640,20 @@ def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt
     With step None, a latest step whose files cannot be read (a damaged or truncated .npz) falls back, with a
     warning naming the bad file, to the newest committed step that loads. forget_bad (the training loop, which
     holds the folder's lock): meta.json also stops naming the bad steps, so training redoes them.
+
+    shardings (a TrainState of NamedShardings, e.g. Trainer.shardings; local folders): the arrays come back as
+    global jax.Arrays in those shardings instead, each process reading from the files only the parts its own devices
+    hold, leaf by leaf (a multi-process resume); params cast to param_dtype when given.
     """
     path = path.rstrip("/")
     meta = _read_meta(path) if step is None else None
     listed = [int(s) for s in meta["checkpoints"]] if meta else []
     if step is not None or len(listed) < 2:
-        return _load_step(path, cfg, step, with_opt)
+        return _load_step(path, cfg, step, with_opt, shardings, param_dtype)
     bad: List[int] = []
     for candidate in reversed(listed):
         try:
-            out = _load_step(path, cfg, candidate, with_opt)
+            out = _load_step(path, cfg, candidate, with_opt, shardings, param_dtype)
         except CorruptCheckpointError as e:
             log.warning("checkpoint step %d of %s cannot be loaded: %s; falling back to the previous committed "
                         "step", candidate, path, e)
@@ -671,9 +676,8 @@ def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _load_step(path: str, cfg: Config, step: Optional[int] = None,
-               with_opt: bool = True) -> Tuple[Any, Optional[Any], int, dict]:
-    step_dir, step, aux = _resolve(path, step)
+def _layout(step_dir: str, cfg: Config) -> Tuple[int, List[L.Leaf], List[Tuple[int, int]], bool]:
+    """(shards, leaves, chunk bounds, has_opt) of a step folder, checked against the config."""
     shards = _n_shards(step_dir)
     counts = [_npz_len(_join(step_dir, "shard_0", f"{j}.npz")) for j in range(L.PIECES)]
     n = sum(counts)
@@ -691,6 +695,16 @@ def _load_step(path: str, cfg: Config, step: Optional[int] = None,
     if counts != [b - a for a, b in bounds]:
         raise CheckpointError(f"{step_dir}/shard_0 files hold {counts} leaves; mtj's 16-way split of {n} leaves "
                               f"gives {[b - a for a, b in bounds]}")
+    return shards, leaves, bounds, has_opt
+
+
+def _load_step(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
+               shardings: Any = None, param_dtype: Any = None) -> Tuple[Any, Optional[Any], int, dict]:
+    step_dir, step, aux = _resolve(path, step)
+    shards, leaves, bounds, has_opt = _layout(step_dir, cfg)
+    if shardings is not None and not _is_gcs(step_dir):
+        return _load_step_sharded(step_dir, step, aux, cfg, shards, leaves, bounds, with_opt and has_opt,
+                                  shardings, param_dtype)
     want_opt = with_opt and has_opt
     wanted_groups = {L.PARAMS, L.STEP} | ({L.MU, L.NU, L.ADAM_COUNT, L.SCHEDULE_COUNT} if want_opt else set())
 
@@ -746,6 +760,94 @@ def _load_step(path: str, cfg: Config, step: Optional[int] = None,
                                     scalars[L.SCHEDULE_COUNT])
     if step < 0:
         step = int(scalars[L.STEP])
+    return params, opt_state, step, aux
+
+
+def _load_step_sharded(step_dir: str, step: int, aux: dict, cfg: Config, shards: int, leaves: List[L.Leaf],
+                       bounds, want_opt: bool, shardings: Any, param_dtype: Any) -> Tuple[Any, Any, int, dict]:
+    """load_checkpoint with shardings: every leaf is built by jax.make_array_from_callback, whose callback reads, for
+    one of this process's devices, only the files of the shards its slice overlaps (one npz member each)."""
+    where = {}  # (group, module, name, layer) -> (file j, member k)
+    for j, (a, b) in enumerate(bounds):
+        for k, leaf in enumerate(leaves[a:b]):
+            rule = leaf.rule
+            where[(leaf.group, rule.module if rule else None, rule.name if rule else None, leaf.layer)] = (j, k)
+    files: Dict[Tuple[int, int], Any] = {}
+
+    def member(j: int, s: int, k: int, leaf: L.Leaf) -> np.ndarray:
+        f = _join(step_dir, f"shard_{s}", f"{j}.npz")
+        try:
+            if (j, s) not in files:
+                files[(j, s)] = np.load(f, allow_pickle=False)
+            x = _fix_dtype(files[(j, s)][f"arr_{k}"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise CorruptCheckpointError(f"cannot read {f}: {_why(e)}; the file is damaged (truncated or "
+                                         f"overwritten)") from e
+        want = () if leaf.rule is None else L.shard_shape(leaf.rule, cfg, shards)
+        if x.shape != want:
+            raise (_missing_shards(step_dir, leaves, bounds, cfg, shards) if leaf.rule is not None else None) or \
+                (_shape_error(leaf, x.shape, cfg, shards, f) if leaf.rule is not None else
+                 CheckpointError(f"checkpoint leaf '{leaf.our_path}' in {f} has shape {x.shape}; expected a scalar"))
+        return x
+
+    def part(leaf: L.Leaf, rest: tuple) -> np.ndarray:
+        """rest (slices of the unstacked leaf) of the full leaf, from the shards it overlaps."""
+        rule = leaf.rule
+        j, k = where[(leaf.group, rule.module, rule.name, leaf.layer)]
+        if rule.kind == L.SPLIT:
+            ax, n = rule.axis, L.full_shape(rule, cfg)[rule.axis]
+            w = n // shards
+            lo, hi, _ = rest[ax].indices(n)
+            first, last = lo // w, (hi - 1) // w
+            x = np.concatenate([member(j, s, k, leaf) for s in range(first, last + 1)], axis=ax)
+            rest = rest[:ax] + (slice(lo - first * w, hi - first * w),) + rest[ax + 1:]
+            return x[rest]
+        summed = rule.kind == L.SUMMED and leaf.group == L.PARAMS
+        return L.join(leaf, [member(j, s, k, leaf) for s in (range(shards) if summed else [0])])[rest]
+
+    def scalar_leaf(group: str) -> np.ndarray:  # counters and the step: the same on every shard
+        j, k = where[(group, None, None, None)]
+        return member(j, 0, k, L.Leaf(group))
+
+    def build(group: str, rule, sharding, dtype) -> jax.Array:
+        full = L.full_shape(rule, cfg)
+        shape = ((cfg.layers,) if rule.stacked else ()) + full
+        seen: Dict[str, np.ndarray] = {}  # replicas of one slice are read once
+
+        def cb(index):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            key = repr(index)
+            if key not in seen:
+                if rule.stacked:
+                    x = np.stack([part(L.Leaf(group, rule, i), index[1:]) for i in range(cfg.layers)[index[0]]])
+                else:
+                    x = part(L.Leaf(group, rule, None), index)
+                seen[key] = x.astype(dtype) if dtype is not None and _is_float(x.dtype) else x
+            return seen[key]
+        return jax.make_array_from_callback(shape, sharding, cb)
+
+    def tree(group: str, tree_shardings: Any, dtype=None) -> Dict[str, Dict[str, jax.Array]]:
+        out: Dict[str, Dict[str, jax.Array]] = {}
+        for rule in L.RULES:
+            out.setdefault(rule.module, {})[rule.name] = build(group, rule, tree_shardings[rule.module][rule.name],
+                                                               dtype)
+        return out
+
+    t0 = time.time()
+    try:
+        params = tree(L.PARAMS, shardings.params, param_dtype)
+        opt_state = None
+        if want_opt:
+            _, mu_sh, nu_sh, _ = _adam_parts(shardings.opt_state)
+            scalar = {g: scalar_leaf(g) for g in (L.ADAM_COUNT, L.SCHEDULE_COUNT)}
+            opt_state = _opt_state_from(cfg, params, tree(L.MU, mu_sh), tree(L.NU, nu_sh), scalar[L.ADAM_COUNT],
+                                        scalar[L.SCHEDULE_COUNT])
+        if step < 0:
+            step = int(scalar_leaf(L.STEP))
+    finally:
+        for f in files.values():
+            f.close()
+    log.info("read this process's parts of %s (%d shards) in %.1fs", step_dir, shards, time.time() - t0)
     return params, opt_state, step, aux
 
 

@@ -211,7 +211,10 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     loader_state = None
     resumed = ckpt.latest_step(ckpt_path)  # an interrupted run of this config resumes first
     if resumed is not None:
-        params, opt_state, step, aux = ckpt.load_checkpoint(ckpt_path, cfg, with_opt=True, forget_bad=main)
+        # several processes: each reads only the parts of the files its devices hold, into the global shardings
+        params, opt_state, step, aux = ckpt.load_checkpoint(
+            ckpt_path, cfg, with_opt=True, forget_bad=main, shardings=trainer.shardings if multi else None,
+            param_dtype=trainer.param_dtype)
         state = trainer.state_from_params(params, opt_state, step)
         loader_state = (aux or {}).get("train_loader")
         log.info("resuming %s from step %d", ckpt_path, step)

@@ -125,3 +125,24 @@ def test_process_killed_mid_checkpoint_write_resumes_exactly(work, tmp_path):
     assert json.loads((folder / "meta.json").read_text())["checkpoints"] == [2, 4, 6]
     want = one_process_losses(config, tmp_path)
     np.testing.assert_allclose(resumed, want, rtol=1e-5)
+
+
+@pytest.mark.timeout(900)
+def test_loading_into_shardings_reads_the_same_state(two_proc):
+    """The multi-process resume's load (each device's parts read from the files, leaf by leaf, into the trainer's
+    global shardings), run here in one process: the same bits as the host load."""
+    from mesh_transformer.sharding import make_mesh
+    from mesh_transformer.train import Trainer
+    cfg = load_config(two_proc["config"])
+    trainer = Trainer(cfg, mesh=make_mesh(cfg.cores_per_replica))
+    path = str(two_proc["out"] / "ckpt")
+    host = ckpt.load_checkpoint(path, cfg)
+    placed = ckpt.load_checkpoint(path, cfg, shardings=trainer.shardings, param_dtype=trainer.param_dtype)
+    assert placed[2:] == host[2:]
+    for tree_placed, tree_host, shardings in ((placed[0], host[0], trainer.shardings.params),
+                                              (placed[1], host[1], trainer.shardings.opt_state)):
+        def check(x, y, s):
+            if isinstance(x, jax.Array) and x.ndim:
+                assert x.sharding.is_equivalent_to(s, x.ndim)
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        jax.tree.map(check, tree_placed, tree_host, shardings)
