@@ -10,7 +10,8 @@ Multi-process (jax.distributed started, mesh_transformer/distributed.py): every 
 global mesh. Each decodes only its rows of every batch (the loader still steps over the others' records, so its
 state, saved in checkpoints, is the global stream's); process 0 alone holds the run lock, checks and records the run
 identity, writes metrics.jsonl, logs and shows the bar (and calls `on_step`); checkpoints are written by all
-(checkpoint.save_checkpoint: each process its shard folders, process 0 commits meta.json after a barrier).
+(checkpoint.save_checkpoint: each process its shard folders, process 0 commits meta.json after a barrier); a resume
+reads into the global shardings, each process only its devices' parts of the files (load_checkpoint(shardings=)).
 """
 from __future__ import annotations
 
