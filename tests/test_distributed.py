@@ -146,3 +146,15 @@ def test_loading_into_shardings_reads_the_same_state(two_proc):
                 assert x.sharding.is_equivalent_to(s, x.ndim)
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         jax.tree.map(check, tree_placed, tree_host, shardings)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(coordinator_address="127.0.0.1:1234"), "--num-processes, --process-id missing"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), "--process-id must lie in 0 .. 1"),
+    (dict(coordinator_address="localhost", num_processes=2, process_id=0), "HOST:PORT"),
+])
+def test_incomplete_distributed_flags_are_named(kwargs, named):
+    from mesh_transformer import distributed
+    with pytest.raises(ValueError, match=named):
+        distributed.initialize(**kwargs)
+    assert distributed.initialize() is False  # no flags: one process, nothing started
