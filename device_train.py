@@ -15,13 +15,18 @@ One run owns a model_dir: a second writer stops at once naming the holder (run.l
 defines its results (run_identity.json: config, start checkpoint, code version); a rerun with other settings
 refuses and lists the differences (--force-new / --resume-anyway). A non-finite loss or grad norm stops training
 before the next checkpoint; a damaged latest step falls back to the newest one that loads.
+
+Several hosts (docs/SCALING.md): start the same command on every host with --coordinator-address HOST:PORT
+--num-processes N --process-id I (or --distributed auto on a TPU pod slice or under SLURM); the mesh then spans all
+hosts' devices, each host reads only its rows of every batch, and the checkpoint folder (gs://, or a file system all
+hosts share) gets each host's shards, committed by process 0. train.py starts such a run on a Ray cluster.
 """
 import argparse
 import logging
 import sys
 
-from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, run_main, setup_compile_cache,
-                                      setup_logging)
+from mesh_transformer.cli_util import (ERRORS_EPILOG, add_compile_cache_flag, add_distributed_flags, run_main,
+                                      setup_compile_cache, setup_logging)
 
 
 def parse_args(argv=None):
@@ -48,6 +53,7 @@ def parse_args(argv=None):
                    help="the model_dir has step folders but no readable meta.json: rebuild meta.json from the "
                         "complete steps (loader position replayed) and resume from the newest")
     add_compile_cache_flag(p)
+    add_distributed_flags(p)
     from mesh_transformer import wandb_log
     wandb_log.add_flags(p)
     args = p.parse_args(argv)
@@ -56,17 +62,19 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging()
+def run(args, argv=None):
+    """Trains as the parsed flags say; returns the final TrainState (global arrays in a multi-process run)."""
     from mesh_transformer.config import load_config
     cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
     setup_compile_cache(args.compile_cache)
+    from mesh_transformer import distributed
+    distributed.initialize_from_args(args)  # before anything touches a device; nothing happens without the flags
 
     from mesh_transformer import wandb_log
     from mesh_transformer.finetune import RunOptions, train
-    wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir, cfg.name,
-                        {"argv": sys.argv[1:] if argv is None else list(argv)})
+    if distributed.is_main():
+        wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir, cfg.name,
+                            {"argv": sys.argv[1:] if argv is None else list(argv)})
     try:
         state = train(cfg, RunOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, seed=args.seed,
                                       total_steps=args.total_steps, progress=not args.no_progress, memory_check=True,
@@ -75,6 +83,13 @@ def main(argv=None) -> int:
     finally:
         wandb_log.finish()
     logging.getLogger("device_train").info("done at step %d", int(state.step))
+    return state
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    run(args, argv)
     return 0
 
 

@@ -29,10 +29,18 @@ Deviations from mtj (docs/DEVIATIONS.md):
 - `checkpoints` keeps save order as mtj (the last entry is the latest); re-saving a step moves it to the end.
 - files are byte-reproducible: npz members carry a fixed timestamp (np.savez stamps the current time). Same format.
 
+Multi-process runs (jax.distributed; the state's arrays span several processes): the same files, written by
+several writers. Shard folder s holds mp slice s, and the process whose device sits at mesh position (dp 0, mp s)
+writes it (one writer per folder, the replicas on other dp rows write nothing); leaves laid out otherwise (e.g.
+sharded over dp as well) are first resharded, leaf by leaf, to the mp-only layout. Process 0 does steps 1, 3 and 4
+alone; barriers (distributed.barrier) put every process's step 2 after step 1 and before step 3, so meta.json
+names a step only once every process has written all its files. The shard count must be the mesh's mp size.
+
 Test hook: with the environment variable STAR_TEST_CRASH_AT_STEP=N, `save_checkpoint` of step N kills its own
 process with SIGKILL after writing some (not all) of step N's files and before meta.json names the step, so tests
-can check that a crash mid-save leaves the previous checkpoint usable and a restart resumes exactly. Never set it
-outside tests.
+can check that a crash mid-save leaves the previous checkpoint usable and a restart resumes exactly (in a
+multi-process run: right after this process's first file of step N, or, for a process that writes no folder, at
+the same point as in one process). Never set it outside tests.
 """
 from __future__ import annotations
 
@@ -340,36 +348,44 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
             raise CheckpointError("Adam mu does not have the structure of the params; was the optimizer made for them?")
     keep_n = cfg.keep_n if keep_n is None else keep_n
     keep_every = (cfg.keep_every or None) if keep_every is None else keep_every
+    mesh = _spanning_mesh(params)  # None: every array is in this process (one process, or host arrays)
+    if mesh is not None and mesh.shape["mp"] != shards:
+        raise CheckpointError(f"a multi-process checkpoint is written with one shard per mp slice: shards={shards} but "
+                              f"the mesh has mp={mesh.shape['mp']}; save with shards={mesh.shape['mp']} (reshard it "
+                              f"afterwards in one process with resharding_example.py)")
+    main = mesh is None or jax.process_index() == 0
+    from . import distributed
 
     path = path.rstrip("/")
-    _makedirs(path)
-    meta = _read_meta(path)
-    had_meta = meta is not None
-    meta = meta or {"step": 0, "checkpoints": [], "aux": {}}
-    listed = [int(s) for s in meta["checkpoints"]]
+    step_dir = _join(path, f"step_{step}")
+    if main:
+        _makedirs(path)
+        meta = _read_meta(path)
+        had_meta = meta is not None
+        meta = meta or {"step": 0, "checkpoints": [], "aux": {}}
+        listed = [int(s) for s in meta["checkpoints"]]
 
-    # 1. step N stops being named before its folder is touched; leftovers of crashed saves go
-    if step in listed:
-        listed.remove(step)
-        meta["checkpoints"] = listed
-        meta["aux"].pop(str(step), None)
-        if listed:
-            meta["step"] = listed[-1]
-        _write_meta(path, meta)
-    stale = {step} | {int(s) for s in meta.get("deleting", [])}
-    if had_meta:
-        newest = max(listed, default=-1)
-        stale |= {int(m.group(1)) for m in map(_STEP_RE.match, _list_dirs(path)) if m and int(m.group(1)) > newest
-                  and int(m.group(1)) not in listed}
-    for s in sorted(stale):
-        _rmtree(_join(path, f"step_{s}"))
+        # 1. step N stops being named before its folder is touched; leftovers of crashed saves go
+        if step in listed:
+            listed.remove(step)
+            meta["checkpoints"] = listed
+            meta["aux"].pop(str(step), None)
+            if listed:
+                meta["step"] = listed[-1]
+            _write_meta(path, meta)
+        stale = {step} | {int(s) for s in meta.get("deleting", [])}
+        if had_meta:
+            newest = max(listed, default=-1)
+            stale |= {int(m.group(1)) for m in map(_STEP_RE.match, _list_dirs(path))
+                      if m and int(m.group(1)) > newest and int(m.group(1)) not in listed}
+        for s in sorted(stale):
+            _rmtree(_join(path, f"step_{s}"))
+        for s in range(shards):
+            _makedirs(_join(step_dir, f"shard_{s}"))
 
     # 2. every file of step N
-    step_dir = _join(path, f"step_{step}")
     leaves = L.leaf_list(cfg.layers, with_opt)
     bounds = L.chunk_bounds(len(leaves))
-    for s in range(shards):
-        _makedirs(_join(step_dir, f"shard_{s}"))
     cast = ml_dtypes.bfloat16 if slim else None
     sources = {L.PARAMS: params}
     if with_opt:
@@ -388,18 +404,15 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
         return _host(x, cast if leaf.group == L.PARAMS else None)
 
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=min(16, shards)) as pool:
-        for j, (a, b) in enumerate(bounds):
-            per_shard = [[] for _ in range(shards)]
-            for leaf in leaves[a:b]:
-                for s, part in enumerate(L.cut(leaf, full_leaf(leaf), shards)):
-                    per_shard[s].append(part)
-            list(pool.map(lambda s: _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s]),
-                          range(shards)))
-            if j == L.PIECES // 2 and os.environ.get(CRASH_ENV) == str(step):  # test hook: die mid-save
-                log.warning("%s=%d: killing this process in the middle of writing %s", CRASH_ENV, step, step_dir)
-                logging.shutdown()
-                os.kill(os.getpid(), signal.SIGKILL)
+    if mesh is not None:
+        distributed.barrier(f"checkpoint step {step}: folder ready")
+        _write_own_shards(cfg, mesh, step, step_dir, leaves, bounds, sources, scalars, cast, shards)
+        distributed.barrier(f"checkpoint step {step}: all shards written")
+        if not main:
+            distributed.barrier(f"checkpoint step {step}: committed")
+            return
+    else:
+        _write_all_shards(step, step_dir, leaves, bounds, full_leaf, shards)
     log.info("wrote %s (%d shards, %d leaves each) in %.1fs", step_dir, shards, len(leaves), time.time() - t0)
 
     # 3. commit
@@ -425,6 +438,88 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
             _rmtree(_join(path, f"step_{s}"))
         del meta["deleting"]
         _write_meta(path, meta)
+    if mesh is not None:
+        distributed.barrier(f"checkpoint step {step}: committed")
+
+
+def _crash_hook(step: int, step_dir: str) -> None:
+    if os.environ.get(CRASH_ENV) == str(step):  # test hook: die mid-save
+        log.warning("%s=%d: killing this process in the middle of writing %s", CRASH_ENV, step, step_dir)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_all_shards(step: int, step_dir: str, leaves, bounds, full_leaf, shards: int) -> None:
+    """One process writes every file of the step from the full leaves."""
+    with ThreadPoolExecutor(max_workers=min(16, shards)) as pool:
+        for j, (a, b) in enumerate(bounds):
+            per_shard = [[] for _ in range(shards)]
+            for leaf in leaves[a:b]:
+                for s, part in enumerate(L.cut(leaf, full_leaf(leaf), shards)):
+                    per_shard[s].append(part)
+            list(pool.map(lambda s: _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s]),
+                          range(shards)))
+            if j == L.PIECES // 2:
+                _crash_hook(step, step_dir)
+
+
+def _spanning_mesh(params: Any):
+    """The mesh of params whose arrays span several processes (a multi-process run), else None."""
+    for x in jax.tree.leaves(params):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.sharding.mesh
+    return None
+
+
+def _write_own_shards(cfg: Config, mesh, step: int, step_dir: str, leaves, bounds, sources, scalars, cast, shards: int) -> None:
+    """This process's part of a multi-process save: the folders shard_s whose mp slice s sits on one of its devices
+    at dp row 0. Each leaf is read from that device alone (the layer asked for, sliced there), never gathered."""
+    from .sharding import leaf_spec
+    from jax.sharding import NamedSharding
+    grid = np.moveaxis(mesh.devices, [mesh.axis_names.index("dp"), mesh.axis_names.index("mp")], [0, 1])
+    writer_of = [grid[0, s] for s in range(shards)]
+    own = [s for s in range(shards) if writer_of[s].process_index == jax.process_index()]
+    first_file = True
+
+    def ckpt_layout(leaf: L.Leaf, x: jax.Array) -> jax.Array:
+        """x in the mp-only layout of its param (resharded leaf by leaf when it is laid out otherwise)."""
+        target = NamedSharding(mesh, leaf_spec(leaf.rule.module, leaf.rule.name))
+        if x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.device_put(x, target)
+
+    for j, (a, b) in enumerate(bounds):
+        per_shard: Dict[int, List[np.ndarray]] = {s: [] for s in own}
+        resharded: Dict[Tuple[str, str, str], jax.Array] = {}  # within one file's leaves
+        for leaf in leaves[a:b]:
+            if leaf.rule is None:
+                for s in own:
+                    per_shard[s].append(scalars[leaf.group])
+                continue
+            rule = leaf.rule
+            key = (leaf.group, rule.module, rule.name)
+            if key not in resharded:
+                resharded[key] = ckpt_layout(leaf, sources[leaf.group][rule.module][rule.name])
+            x = resharded[key]
+            by_device = {shard.device: shard.data for shard in x.addressable_shards}
+            dtype = cast if leaf.group == L.PARAMS else None
+            for s in own:
+                local = by_device[writer_of[s]]  # [L?, ...] this device's slice
+                part = _host(local[leaf.layer] if leaf.layer is not None else local, dtype)
+                if rule.kind == L.SPLIT:
+                    if part.shape != L.shard_shape(rule, cfg, shards):  # the layout is leaf_spec's: a bug if not
+                        raise AssertionError(f"{leaf.our_path}: device slice {part.shape}, expected "
+                                             f"{L.shard_shape(rule, cfg, shards)}")
+                else:  # replicated: the device holds the whole leaf; shard s gets mtj's part of it
+                    part = L.cut(leaf, part, shards)[s]
+                per_shard[s].append(part)
+        for s in own:
+            _write_npz(_join(step_dir, f"shard_{s}", f"{j}.npz"), per_shard[s])
+            if first_file:
+                first_file = False
+                _crash_hook(step, step_dir)
+        if not own and j == L.PIECES // 2:
+            _crash_hook(step, step_dir)
 
 
 # ================================================================================== load
@@ -534,7 +629,8 @@ def _opt_state_from(cfg: Config, params: Any, mu: Any, nu: Any, adam_count: Any,
 
 
 def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
-                    forget_bad: bool = False) -> Tuple[Any, Optional[Any], int, dict]:
+                    forget_bad: bool = False, shardings: Any = None,
+                    param_dtype: Any = None) -> Tuple[Any, Optional[Any], int, dict]:
     """Reads a v1 checkpoint into host numpy arrays in our layout, from any number of shards.
 
     path: a checkpoint folder with meta.json (step None: its latest committed step), or a step_N folder itself
@@ -544,16 +640,20 @@ def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt
     With step None, a latest step whose files cannot be read (a damaged or truncated .npz) falls back, with a
     warning naming the bad file, to the newest committed step that loads. forget_bad (the training loop, which
     holds the folder's lock): meta.json also stops naming the bad steps, so training redoes them.
+
+    shardings (a TrainState of NamedShardings, e.g. Trainer.shardings; local folders): the arrays come back as
+    global jax.Arrays in those shardings instead, each process reading from the files only the parts its own devices
+    hold, leaf by leaf (a multi-process resume); params cast to param_dtype when given.
     """
     path = path.rstrip("/")
     meta = _read_meta(path) if step is None else None
     listed = [int(s) for s in meta["checkpoints"]] if meta else []
     if step is not None or len(listed) < 2:
-        return _load_step(path, cfg, step, with_opt)
+        return _load_step(path, cfg, step, with_opt, shardings, param_dtype)
     bad: List[int] = []
     for candidate in reversed(listed):
         try:
-            out = _load_step(path, cfg, candidate, with_opt)
+            out = _load_step(path, cfg, candidate, with_opt, shardings, param_dtype)
         except CorruptCheckpointError as e:
             log.warning("checkpoint step %d of %s cannot be loaded: %s; falling back to the previous committed "
                         "step", candidate, path, e)
@@ -576,9 +676,8 @@ def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _load_step(path: str, cfg: Config, step: Optional[int] = None,
-               with_opt: bool = True) -> Tuple[Any, Optional[Any], int, dict]:
-    step_dir, step, aux = _resolve(path, step)
+def _layout(step_dir: str, cfg: Config) -> Tuple[int, List[L.Leaf], List[Tuple[int, int]], bool]:
+    """(shards, leaves, chunk bounds, has_opt) of a step folder, checked against the config."""
     shards = _n_shards(step_dir)
     counts = [_npz_len(_join(step_dir, "shard_0", f"{j}.npz")) for j in range(L.PIECES)]
     n = sum(counts)
@@ -596,6 +695,16 @@ def _load_step(path: str, cfg: Config, step: Optional[int] = None,
     if counts != [b - a for a, b in bounds]:
         raise CheckpointError(f"{step_dir}/shard_0 files hold {counts} leaves; mtj's 16-way split of {n} leaves "
                               f"gives {[b - a for a, b in bounds]}")
+    return shards, leaves, bounds, has_opt
+
+
+def _load_step(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
+               shardings: Any = None, param_dtype: Any = None) -> Tuple[Any, Optional[Any], int, dict]:
+    step_dir, step, aux = _resolve(path, step)
+    shards, leaves, bounds, has_opt = _layout(step_dir, cfg)
+    if shardings is not None and not _is_gcs(step_dir):
+        return _load_step_sharded(step_dir, step, aux, cfg, shards, leaves, bounds, with_opt and has_opt,
+                                  shardings, param_dtype)
     want_opt = with_opt and has_opt
     wanted_groups = {L.PARAMS, L.STEP} | ({L.MU, L.NU, L.ADAM_COUNT, L.SCHEDULE_COUNT} if want_opt else set())
 
@@ -651,6 +760,94 @@ def _load_step(path: str, cfg: Config, step: Optional[int] = None,
                                     scalars[L.SCHEDULE_COUNT])
     if step < 0:
         step = int(scalars[L.STEP])
+    return params, opt_state, step, aux
+
+
+def _load_step_sharded(step_dir: str, step: int, aux: dict, cfg: Config, shards: int, leaves: List[L.Leaf],
+                       bounds, want_opt: bool, shardings: Any, param_dtype: Any) -> Tuple[Any, Any, int, dict]:
+    """load_checkpoint with shardings: every leaf is built by jax.make_array_from_callback, whose callback reads, for
+    one of this process's devices, only the files of the shards its slice overlaps (one npz member each)."""
+    where = {}  # (group, module, name, layer) -> (file j, member k)
+    for j, (a, b) in enumerate(bounds):
+        for k, leaf in enumerate(leaves[a:b]):
+            rule = leaf.rule
+            where[(leaf.group, rule.module if rule else None, rule.name if rule else None, leaf.layer)] = (j, k)
+    files: Dict[Tuple[int, int], Any] = {}
+
+    def member(j: int, s: int, k: int, leaf: L.Leaf) -> np.ndarray:
+        f = _join(step_dir, f"shard_{s}", f"{j}.npz")
+        try:
+            if (j, s) not in files:
+                files[(j, s)] = np.load(f, allow_pickle=False)
+            x = _fix_dtype(files[(j, s)][f"arr_{k}"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise CorruptCheckpointError(f"cannot read {f}: {_why(e)}; the file is damaged (truncated or "
+                                         f"overwritten)") from e
+        want = () if leaf.rule is None else L.shard_shape(leaf.rule, cfg, shards)
+        if x.shape != want:
+            raise (_missing_shards(step_dir, leaves, bounds, cfg, shards) if leaf.rule is not None else None) or \
+                (_shape_error(leaf, x.shape, cfg, shards, f) if leaf.rule is not None else
+                 CheckpointError(f"checkpoint leaf '{leaf.our_path}' in {f} has shape {x.shape}; expected a scalar"))
+        return x
+
+    def part(leaf: L.Leaf, rest: tuple) -> np.ndarray:
+        """rest (slices of the unstacked leaf) of the full leaf, from the shards it overlaps."""
+        rule = leaf.rule
+        j, k = where[(leaf.group, rule.module, rule.name, leaf.layer)]
+        if rule.kind == L.SPLIT:
+            ax, n = rule.axis, L.full_shape(rule, cfg)[rule.axis]
+            w = n // shards
+            lo, hi, _ = rest[ax].indices(n)
+            first, last = lo // w, (hi - 1) // w
+            x = np.concatenate([member(j, s, k, leaf) for s in range(first, last + 1)], axis=ax)
+            rest = rest[:ax] + (slice(lo - first * w, hi - first * w),) + rest[ax + 1:]
+            return x[rest]
+        summed = rule.kind == L.SUMMED and leaf.group == L.PARAMS
+        return L.join(leaf, [member(j, s, k, leaf) for s in (range(shards) if summed else [0])])[rest]
+
+    def scalar_leaf(group: str) -> np.ndarray:  # counters and the step: the same on every shard
+        j, k = where[(group, None, None, None)]
+        return member(j, 0, k, L.Leaf(group))
+
+    def build(group: str, rule, sharding, dtype) -> jax.Array:
+        full = L.full_shape(rule, cfg)
+        shape = ((cfg.layers,) if rule.stacked else ()) + full
+        seen: Dict[str, np.ndarray] = {}  # replicas of one slice are read once
+
+        def cb(index):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            key = repr(index)
+            if key not in seen:
+                if rule.stacked:
+                    x = np.stack([part(L.Leaf(group, rule, i), index[1:]) for i in range(cfg.layers)[index[0]]])
+                else:
+                    x = part(L.Leaf(group, rule, None), index)
+                seen[key] = x.astype(dtype) if dtype is not None and _is_float(x.dtype) else x
+            return seen[key]
+        return jax.make_array_from_callback(shape, sharding, cb)
+
+    def tree(group: str, tree_shardings: Any, dtype=None) -> Dict[str, Dict[str, jax.Array]]:
+        out: Dict[str, Dict[str, jax.Array]] = {}
+        for rule in L.RULES:
+            out.setdefault(rule.module, {})[rule.name] = build(group, rule, tree_shardings[rule.module][rule.name],
+                                                               dtype)
+        return out
+
+    t0 = time.time()
+    try:
+        params = tree(L.PARAMS, shardings.params, param_dtype)
+        opt_state = None
+        if want_opt:
+            _, mu_sh, nu_sh, _ = _adam_parts(shardings.opt_state)
+            scalar = {g: scalar_leaf(g) for g in (L.ADAM_COUNT, L.SCHEDULE_COUNT)}
+            opt_state = _opt_state_from(cfg, params, tree(L.MU, mu_sh), tree(L.NU, nu_sh), scalar[L.ADAM_COUNT],
+                                        scalar[L.SCHEDULE_COUNT])
+        if step < 0:
+            step = int(scalar_leaf(L.STEP))
+    finally:
+        for f in files.values():
+            f.close()
+    log.info("read this process's parts of %s (%d shards) in %.1fs", step_dir, shards, time.time() - t0)
     return params, opt_state, step, aux
 
 

@@ -176,3 +176,19 @@ def remove_if_empty(folder: str) -> None:
             os.rmdir(folder)
     except OSError:
         pass
+
+
+def add_distributed_flags(parser) -> None:
+    """The multi-process flags of every training CLI (mesh_transformer/distributed.py reads them). Without any of
+    them a CLI runs in one process, exactly as before."""
+    g = parser.add_argument_group("multi-process training (jax.distributed; docs/SCALING.md)")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator (any free port on process 0's host); with "
+                        "--num-processes and --process-id this starts jax.distributed, one process per host, all "
+                        "hosts' devices in one ('dp','mp') mesh")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's id, 0 .. N-1")
+    g.add_argument("--distributed", choices=("off", "auto"), default="off",
+                   help="auto: start jax.distributed with what JAX detects itself (Cloud TPU pod slices, SLURM, "
+                        "Open MPI, Kubernetes jobs; JAX_COORDINATOR_ADDRESS); the flags above, when given, win. "
+                        "off (default): one process unless the flags above are given")

@@ -5,10 +5,18 @@ from the config's own checkpoint folder (`meta.json`, loader state included), or
 `ckpt_every` steps and at the end; validate every `val_every` steps over `val_batches` batches per val set. Resumed
 runs reproduce the uninterrupted run: the loader state and the full optimizer state are part of every checkpoint, and
 metrics lines past the resumed step are dropped before new ones are appended, so nothing is written twice.
+
+Multi-process (jax.distributed started, mesh_transformer/distributed.py): every process runs this same loop on the
+global mesh. Each decodes only its rows of every batch (the loader still steps over the others' records, so its
+state, saved in checkpoints, is the global stream's); process 0 alone holds the run lock, checks and records the run
+identity, writes metrics.jsonl, logs and shows the bar (and calls `on_step`); checkpoints are written by all
+(checkpoint.save_checkpoint: each process its shard folders, process 0 commits meta.json after a barrier); a resume
+reads into the global shardings, each process only its devices' parts of the files (load_checkpoint(shardings=)).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import finite_guard, run_identity, run_lock
+from . import distributed, finite_guard, run_identity, run_lock
 from .config import Config
 from .train import Trainer, TrainState, device_peak_flops, mfu
 
@@ -109,9 +117,10 @@ def restart_schedule(opt_state: Any) -> Any:
     return jax.tree.map(reset, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
 
 
-def _make_loader(cfg: Config, index: str, train: bool, batch: int, ga: int, state: Optional[dict] = None):
+def _make_loader(cfg: Config, index: str, train: bool, batch: int, ga: int, state: Optional[dict] = None,
+                 rows: Optional[tuple] = None):
     from tfrecord_utils.loader import TFRecordLoader
-    loader = TFRecordLoader(index, batch_shape=(ga, batch), seq=cfg.seq, train=train, n_vocab=cfg.n_vocab)
+    loader = TFRecordLoader(index, batch_shape=(ga, batch), seq=cfg.seq, train=train, n_vocab=cfg.n_vocab, rows=rows)
     if state:
         loader.set_state(state)
     return loader
@@ -121,23 +130,61 @@ def _global_batch(cfg: Config, trainer: Trainer) -> int:
     return cfg.per_replica_batch * trainer.mesh.shape["dp"]
 
 
+class _BatchFeed:
+    """Global batches [GA, B, T+1] (or [B, T+1]) on the trainer's mesh: in one process the loader's whole batch is
+    transferred; in several, each process's loader decodes only the rows its devices hold and the global array is
+    assembled from the processes' parts (distributed.global_batch)."""
+
+    def __init__(self, trainer: Trainer, shape: tuple):
+        self.shape = shape
+        self.sharding = trainer.batch_sharding(len(shape))
+        self.multi = distributed.process_count() > 1
+        self.rows = distributed.batch_rows(self.sharding, shape, len(shape) - 2) if self.multi else None
+
+    def put(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        if len(self.shape) == 2:
+            batch = {k: v[0] for k, v in batch.items()}  # the loader's [1, B, T+1]
+        if self.multi:
+            return distributed.global_batch(batch, self.sharding, self.shape)
+        return batch if len(self.shape) == 2 else jax.device_put(batch, self.sharding)
+
+
 def evaluate(trainer: Trainer, params: Any, cfg: Config, batch: int) -> Dict[str, float]:
     """Mean loss over `val_batches` batches of each val set (one pass at most)."""
     results = {}
+    feed = _BatchFeed(trainer, (batch, cfg.seq + 1))
     for name, index in (cfg.val_set or {}).items():
-        loader = _make_loader(cfg, index, train=False, batch=batch, ga=1)
+        loader = _make_loader(cfg, index, train=False, batch=batch, ga=1, rows=feed.rows)
         losses = []
         for i, b in enumerate(loader):
             if cfg.val_batches and i >= cfg.val_batches:
                 break
-            out = trainer.eval_step(params, {k: v[0] for k, v in b.items()})
+            out = trainer.eval_step(params, feed.put(b))
             losses.append(float(out["loss"]))
         if losses:
             results[f"val/{name}/loss"] = float(np.mean(losses))
     return results
 
 
-@run_lock.owns_model_dir
+class _NoMetrics:
+    """The metrics writer of processes other than 0."""
+
+    def write(self, record: Dict[str, Any]) -> None:
+        pass
+
+
+def _owns_model_dir(train_fn):
+    """run_lock.owns_model_dir on process 0 (the one writer of the folder's own files); the other processes of a
+    multi-process run write only their checkpoint shards, inside the commit protocol process 0 drives."""
+    locked = run_lock.owns_model_dir(train_fn)
+
+    @functools.wraps(train_fn)
+    def wrapper(cfg, options=None, *args, **kwargs):
+        return (locked if distributed.is_main() else train_fn)(cfg, options, *args, **kwargs)
+    return wrapper
+
+
+@_owns_model_dir
 def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[Trainer] = None,
           on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainState:
     """Runs training to `total_steps` and returns the final state (checkpoints written on the way)."""
@@ -153,14 +200,22 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     total_steps = options.total_steps if options.total_steps is not None else cfg.total_steps
     batch = _global_batch(cfg, trainer)
     ga = cfg.gradient_accumulation_steps
-    loader = _make_loader(cfg, cfg.train_set, train=True, batch=batch, ga=ga)  # checks the index and its files
+    feed = _BatchFeed(trainer, (ga, batch, cfg.seq + 1))
+    main, multi = distributed.is_main(), feed.multi
+    loader = _make_loader(cfg, cfg.train_set, train=True, batch=batch, ga=ga, rows=feed.rows)  # checks the index
 
-    run_identity.check_training_folder(cfg, options, ckpt_path, _metrics_path(cfg, ckpt_path, options.metrics_path),
-                                       loader_factory=lambda: _make_loader(cfg, cfg.train_set, True, batch, ga))
+    if main:
+        run_identity.check_training_folder(cfg, options, ckpt_path,
+                                           _metrics_path(cfg, ckpt_path, options.metrics_path),
+                                           loader_factory=lambda: _make_loader(cfg, cfg.train_set, True, batch, ga))
+    distributed.barrier("finetune: folder checked")  # the others read meta.json only once process 0 is done with it
     loader_state = None
     resumed = ckpt.latest_step(ckpt_path)  # an interrupted run of this config resumes first
     if resumed is not None:
-        params, opt_state, step, aux = ckpt.load_checkpoint(ckpt_path, cfg, with_opt=True, forget_bad=True)
+        # several processes: each reads only the parts of the files its devices hold, into the global shardings
+        params, opt_state, step, aux = ckpt.load_checkpoint(
+            ckpt_path, cfg, with_opt=True, forget_bad=main, shardings=trainer.shardings if multi else None,
+            param_dtype=trainer.param_dtype)
         state = trainer.state_from_params(params, opt_state, step)
         loader_state = (aux or {}).get("train_loader")
         log.info("resuming %s from step %d", ckpt_path, step)
@@ -176,16 +231,20 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
     else:
         state = trainer.init_state(jax.random.PRNGKey(options.seed))
     start = int(state.step)
+    if multi:  # every process must have resumed the same step (a damaged step is skipped by process 0 first)
+        from jax.experimental import multihost_utils
+        multihost_utils.assert_equal(np.int32(start), "the processes resumed different steps")
 
     metrics_path = _metrics_path(cfg, ckpt_path, options.metrics_path)
-    _truncate_metrics(metrics_path, start)
-    writer = MetricsWriter(metrics_path, cfg)
+    if main:
+        _truncate_metrics(metrics_path, start)
+    writer = MetricsWriter(metrics_path, cfg) if main else _NoMetrics()
     if loader_state:
         loader.set_state(loader_state)
-    peak = device_peak_flops()
+    peak = device_peak_flops()  # this host's devices; the hosts of a multi-process run are alike
+    peak = peak * jax.process_count() if peak else peak
     guard = finite_guard.FiniteGuard(cfg, ckpt_path, start, latest=lambda: ckpt.latest_step(ckpt_path))
     tokens = ga * batch * cfg.seq
-    batch_sharding = trainer.batch_sharding(3)
 
     def save(step: int, loader_state: dict, final: bool = False) -> None:
         ckpt.save_checkpoint(ckpt_path, state if not (final and options.slim_final) else state.params, step, cfg,
@@ -193,13 +252,14 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
                              keep_n=cfg.keep_n, keep_every=cfg.keep_every or None)
 
     def next_batch():  # read, decode and start its transfer to the devices while the current step runs
-        return jax.device_put(next(loader), batch_sharding)
+        return feed.put(next(loader))
 
     def needs_state(step: int) -> bool:  # validation and checkpoints read the state after `step`
         return (step == total_steps or bool(cfg.val_every and cfg.val_set and step % cfg.val_every == 0)
                 or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0))
 
-    bar = tqdm(total=total_steps, initial=start, desc=options.desc, disable=not options.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start, desc=options.desc, disable=not (options.progress and main),
+               dynamic_ncols=True)
     t_last = time.time()
 
     def log_step(step: int, out: dict) -> None:
@@ -216,7 +276,7 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
         guard.check(step, record)  # a non-finite loss / grad norm stops here, before the next checkpoint
         bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens / dt:,.0f}")
         bar.update(1)
-        if on_step:
+        if on_step and main:
             on_step(step, record)
         t_last = time.time()
 

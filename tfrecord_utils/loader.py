@@ -76,12 +76,16 @@ class TFRecordLoader:
 
     def __init__(self, index_path: Union[str, os.PathLike], batch_shape: Union[int, Sequence[int]],
                  seq: Optional[int] = None, train: bool = True, shuffle: bool = False, shuffle_buffer: int = 10_000,
-                 seed: int = 0, state: Optional[dict] = None, verify_crc: bool = True, n_vocab: Optional[int] = None):
+                 seed: int = 0, state: Optional[dict] = None, verify_crc: bool = True, n_vocab: Optional[int] = None,
+                 rows: Optional[Sequence[int]] = None):
         self.index_path = os.fspath(index_path)
         self.batch_shape = (int(batch_shape),) if np.ndim(batch_shape) == 0 else tuple(int(b) for b in batch_shape)
         if not self.batch_shape or min(self.batch_shape) < 1:
             raise ValueError(f"batch_shape must be positive ints, got {batch_shape}")
         self.batch_records = math.prod(self.batch_shape)
+        self.rows = (0, self.batch_shape[-1]) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= self.rows[0] < self.rows[1] <= self.batch_shape[-1]:
+            raise ValueError(f"rows {rows} must be a range inside 0 .. {self.batch_shape[-1]}")
         if seq is not None and seq < 1:
             raise ValueError(f"seq must be >= 1, got {seq}")
         self.seq = seq
@@ -180,8 +184,9 @@ class TFRecordLoader:
             self._reader.close()  # closes the file
             self._reader = None
 
-    def _next_record(self) -> Optional[tuple[np.ndarray, Optional[np.ndarray]]]:
-        """The next (tokens, mask or None), advancing the state; None at the end of a validation pass."""
+    def _next_record(self, decode: bool = True) -> Optional[tuple[np.ndarray, Optional[np.ndarray]]]:
+        """The next (tokens, mask or None), advancing the state; None at the end of a validation pass. decode False:
+        steps over the record (another process's row) and returns ()."""
         while True:
             if self._reader is None:
                 if self._file_pos >= len(self.entries):
@@ -201,7 +206,7 @@ class TFRecordLoader:
                 continue
             self._record_idx += 1
             self._records_this_epoch += 1
-            return self._parse(*item)
+            return self._parse(*item) if decode else ()
 
     def _parse(self, record_no: int, data: bytes) -> tuple[np.ndarray, Optional[np.ndarray]]:
         path = self.entries[self._order(self._epoch)[self._file_pos]].path
@@ -230,18 +235,21 @@ class TFRecordLoader:
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows, masks = [], []
-        while len(rows) < self.batch_records:
-            record = self._next_record()
+        lo, hi, width = self.rows[0], self.rows[1], self.batch_shape[-1]
+        for r in range(self.batch_records):
+            mine = lo <= r % width < hi
+            record = self._next_record(decode=mine)
             if record is None:
-                if rows:
+                if r:
                     log.info("%s: end of the validation pass; dropping the incomplete last batch (%d of %d records)",
-                             self.index_path, len(rows), self.batch_records)
+                             self.index_path, r, self.batch_records)
                 raise StopIteration
-            rows.append(record[0])
-            masks.append(record[1])
-        shape = self.batch_shape + (self.seq + 1,)
-        tokens = np.stack(rows).astype(np.int32).reshape(shape)  # [GA, B, T]
-        mask = np.ones((self.batch_records, self.seq + 1), dtype=np.int32)  # records without a mask learn everything
+            if mine:
+                rows.append(record[0])
+                masks.append(record[1])
+        shape = self.batch_shape[:-1] + (hi - lo, self.seq + 1)
+        tokens = np.stack(rows).astype(np.int32).reshape(shape)  # [GA, B, T] (B = hi - lo rows of this process)
+        mask = np.ones((len(rows), self.seq + 1), dtype=np.int32)  # records without a mask learn everything
         for i, m in enumerate(masks):
             if m is not None:
                 mask[i] = m
