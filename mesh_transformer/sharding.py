@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .weights import SPLIT, WEIGHTS, Weight
+from .weights import LLAMA_WEIGHTS, SPLIT, WEIGHTS, Weight
 
 DP, MP = "dp", "mp"
 
@@ -30,7 +30,9 @@ def _spec(weight: Weight) -> P:
 # weight table (weights.py): [V, D] embedding and [D, V] lm_head split on the vocabulary, q/k/v/fc_in on their output
 # (heads, F), out/fc_out on their input; biases of split outputs split with them; LayerNorms and summed biases
 # replicated.
-_RULES = {(w.suffix, w.name): _spec(w) for w in WEIGHTS}
+# Both families' tables: a leaf named in both (q, out, ln_f, lm_head, embedding) is split the same way in both.
+_RULES = {(w.suffix, w.name): _spec(w) for w in WEIGHTS + LLAMA_WEIGHTS}
+assert all(_RULES[(w.suffix, w.name)] == _spec(w) for w in WEIGHTS), "weights.py: a leaf split two ways"
 
 
 def make_mesh(cores_per_replica: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
