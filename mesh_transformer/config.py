@@ -294,9 +294,6 @@ def _validate_family(cfg: Config, fail) -> None:
     if cfg.rotary_dims != cfg.d_head:
         fail(f"pe_rotary_dims={cfg.pe_rotary_dims}: the Llama family rotates the whole head (d_head={cfg.d_head}); "
              f"remove pe_rotary_dims")
-    if cfg.kv_heads % cfg.cores_per_replica:
-        fail(f"cores_per_replica={cfg.cores_per_replica} does not divide n_kv_heads={cfg.kv_heads}; kv heads are "
-             f"split over the model-parallel axis, so set cores_per_replica to a divisor of n_kv_heads")
     rs = cfg.rope_scaling
     if rs is not None:
         if not isinstance(rs, Mapping) or rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):

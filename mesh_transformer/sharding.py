@@ -51,18 +51,26 @@ def is_stacked(module_path: str) -> bool:
     return module_path.startswith("layers")
 
 
-def leaf_spec(module_path: str, name: str) -> P:
+def leaf_spec(module_path: str, name: str, replicate_kv: bool = False) -> P:
     suffix = module_path.split("/")[-1]
     try:
         spec = _RULES[(suffix, name)]
     except KeyError:
         raise KeyError(f"no sharding rule for parameter {module_path}/{name}; add the weight to weights.WEIGHTS")
+    if replicate_kv and suffix in ("k", "v"):
+        spec = P(*([None] * len(spec)))
     return P(None, *spec) if is_stacked(module_path) else spec
 
 
-def param_specs(params: Any) -> Any:
-    """PartitionSpecs with the structure of a Haiku params dict."""
-    return {mod: {name: leaf_spec(mod, name) for name in leaves} for mod, leaves in params.items()}
+def replicate_kv(cfg: Any, mesh: Mesh) -> bool:
+    """Whether the kv heads are replicated over 'mp' (grouped-query models whose kv heads 'mp' does not divide);
+    otherwise they are split over it as the query heads are."""
+    return cfg.kv_heads % mesh.shape[MP] != 0
+
+
+def param_specs(params: Any, replicate_kv: bool = False) -> Any:
+    """PartitionSpecs with the structure of a Haiku params dict (k/v replicated with replicate_kv)."""
+    return {mod: {name: leaf_spec(mod, name, replicate_kv) for name in leaves} for mod, leaves in params.items()}
 
 
 def tree_specs_like_params(tree: Any, params: Any, specs: Any) -> Any:
@@ -95,9 +103,9 @@ def place(tree: Any, shardings: Any, host_dtype: Any = None) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
+def shard_params(params: Any, mesh: Mesh, replicate_kv: bool = False) -> Any:
     """Places params on the mesh in the Megatron layout."""
-    return jax.device_put(params, named(mesh, param_specs(params)))
+    return jax.device_put(params, named(mesh, param_specs(params, replicate_kv)))
 
 
 def batch_spec(ndim: int) -> P:
@@ -105,8 +113,9 @@ def batch_spec(ndim: int) -> P:
     return P(*([None] * (ndim - 2)), DP, None)
 
 
-def cache_specs() -> Any:
-    """Specs for mesh_transformer.model.KVCache: k/v [L, B, Hkv, S, Dh] rows over dp, kv heads over mp."""
+def cache_specs(replicate_kv: bool = False) -> Any:
+    """Specs for mesh_transformer.model.KVCache: k/v [L, B, Hkv, S, Dh] rows over dp, kv heads over mp (unless
+    replicated: see replicate_kv)."""
     from .model import KVCache
-    kv = P(None, DP, MP, None, None)
+    kv = P(None, DP, None if replicate_kv else MP, None, None)
     return KVCache(kv, kv, P(DP, None), P(DP, None))

@@ -98,7 +98,7 @@ class Trainer:
         # abstract shapes only: nothing is allocated to learn the layout
         self.param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype),
                                          jax.eval_shape(self.model.init, jax.random.PRNGKey(0)))
-        self.param_specs = sharding.param_specs(self.param_shapes)
+        self.param_specs = sharding.param_specs(self.param_shapes, sharding.replicate_kv(cfg, self.mesh))
         self.param_shardings = sharding.named(self.mesh, self.param_specs)
         opt_shapes = jax.eval_shape(self.optimizer.init, self.param_shapes)
         opt_specs = sharding.tree_specs_like_params(opt_shapes, self.param_shapes, self.param_specs)
