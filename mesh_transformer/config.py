@@ -71,6 +71,7 @@ class Config:
     keep_n: Optional[int] = None  # keep this many recent checkpoints besides every keep_every-th
     z_loss: float = 1e-4  # mtj's z-loss coefficient during training
     adam_dtype: str = "params"  # dtype of Adam's first moment: the params' (mtj) or "bfloat16" (half the bytes)
+    zero: bool = False  # ZeRO: fp32 master params and optimizer state sharded over 'dp' too, gathered for the forward
     # --- model family (issue 18); the Llama keys are ignored by "gptj" ---
     model_type: str = "gptj"  # "gptj" | "llama" | "qwen2" | "mistral" (the last three: the Llama block, llama.py)
     n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None: n_heads
@@ -197,7 +198,7 @@ _TYPES = {
     "tie_word_embeddings": (_BOOL, None, False), "pe_rotary_dims": (_INT, None, True),
     "lr": (_FLOAT, 0, False), "end_lr": (_FLOAT, 0, False), "weight_decay": (_FLOAT, 0, False),
     "z_loss": (_FLOAT, 0, False), "noise_scale_alpha": (_FLOAT, None, True), "p_rationalization": (_FLOAT, 0, True),
-    "early_cast": (_BOOL, None, False), "scan_layers": (_BOOL, None, False),
+    "early_cast": (_BOOL, None, False), "scan_layers": (_BOOL, None, False), "zero": (_BOOL, None, False),
     "name": (_STR, None, False), "comment": (_STR, None, True), "tokenizer": (_STR, None, False),
     "bucket": (_STR, None, True), "model_dir": (_STR, None, True), "train_set": (_STR, None, True),
     "wandb_project": (_STR, None, True), "target_save": (_STR, None, True), "target_save_folder": (_STR, None, True),

@@ -87,6 +87,27 @@ def tree_specs_like_params(tree: Any, params: Any, specs: Any) -> Any:
     return jax.tree.map(lambda x: specs if is_params_like(x) else P(), tree, is_leaf=is_params_like)
 
 
+def zero_spec(spec: P, shape: Sequence[int], dp_size: int) -> P:
+    """ZeRO's storage layout of a leaf whose compute layout is `spec`: also split over 'dp', on the largest axis
+    that is not split yet and that dp divides (GPT-J-6B on dp 8: d_model 4096 or the vocabulary). A leaf with no
+    such axis (a scalar, a [28] counter) stays replicated over dp: it is small."""
+    axes = list(spec) + [None] * (len(shape) - len(spec))
+    if dp_size <= 1 or DP in axes:
+        return spec
+    free = [i for i, a in enumerate(axes) if a is None and shape[i] % dp_size == 0 and shape[i] >= dp_size]
+    if not free:
+        return spec
+    best = max(free, key=lambda i: (shape[i], -i))
+    axes[best] = DP
+    return P(*axes)
+
+
+def zero_specs(specs: Any, shapes: Any, dp_size: int) -> Any:
+    """zero_spec over a tree of specs and the matching tree of shapes (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda s, x: zero_spec(s, x.shape, dp_size), specs, shapes,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
 def named(mesh: Mesh, specs: Any) -> Any:
     """PartitionSpecs -> NamedShardings on mesh."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))

@@ -81,7 +81,10 @@ class Trainer:
     State is born sharded: `init_state` runs the model's init and `optimizer.init` inside one `jax.jit` whose
     out_shardings are the Megatron layout (MaxText's pattern), and `state_from_params` places given params leaf by
     leaf on their shardings before a jitted `optimizer.init` creates the moments in place. No leaf ever exists
-    whole on one device (at 6B: 24 GB of fp32 params and 48 GB of moments, on 16 GB cores).
+    whole on one device (at 6B: 24 GB of fp32 params and 48 GB of moments, on 16 GB cores). With `zero: true` in
+    the config the stored params and moments are also split over 'dp' (ZeRO): the step casts them to the compute
+    dtype and gathers that copy for the forward, and reduce-scatters the gradients back to the stored layout, so
+    each device keeps 1/(dp*mp) of the state instead of 1/mp.
 
     train_step(state, batch, anneal_steps=None) with batch tokens [GA, B, T+1] (B = dp * per_replica_batch)
     returns (state, {"loss", "ce", "grad_norm", "lr", "tokens"}); the schedule's horizon is an argument (data), so
@@ -98,7 +101,13 @@ class Trainer:
         # abstract shapes only: nothing is allocated to learn the layout
         self.param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype),
                                          jax.eval_shape(self.model.init, jax.random.PRNGKey(0)))
-        self.param_specs = sharding.param_specs(self.param_shapes, sharding.replicate_kv(cfg, self.mesh))
+        # compute_specs: the Megatron layout the forward pass runs in. param_specs: where the fp32 master params
+        # (and, from them, the optimizer state) are stored; the same, or with cfg.zero also split over 'dp'.
+        self.compute_specs = sharding.param_specs(self.param_shapes, sharding.replicate_kv(cfg, self.mesh))
+        self.compute_shardings = sharding.named(self.mesh, self.compute_specs)
+        self.zero = bool(cfg.zero) and self.mesh.shape[sharding.DP] > 1
+        self.param_specs = (sharding.zero_specs(self.compute_specs, self.param_shapes, self.mesh.shape[sharding.DP])
+                            if self.zero else self.compute_specs)
         self.param_shardings = sharding.named(self.mesh, self.param_specs)
         opt_shapes = jax.eval_shape(self.optimizer.init, self.param_shapes)
         opt_specs = sharding.tree_specs_like_params(opt_shapes, self.param_shapes, self.param_specs)
@@ -172,7 +181,7 @@ class Trainer:
         # Gradients are taken w.r.t. the compute-dtype copy of the params, made once per step: a bf16 micro-batch
         # gradient holds exactly the values the fp32 one did (the cotangent of a cast to bf16 is bf16), in half
         # the bytes; they are summed in float32.
-        compute_params = self.model.cast_for_compute(state.params)
+        compute_params = self._for_compute(state.params)
 
         def f32(tree):
             return jax.tree.map(lambda g: g.astype(jnp.float32), tree)
@@ -180,15 +189,15 @@ class Trainer:
         def micro(carry, xs):
             grads, loss_sum, ce_sum, tok_sum = carry
             (loss, aux), g = grad_fn(compute_params, *xs, True)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, self._as_stored(g))
             return (grads, loss_sum + loss, ce_sum + aux["ce"], tok_sum + aux["tokens"]), None
 
         ga = inputs.shape[0]
         if ga == 1:  # no accumulator: at 6B on one device the fp32 sum alone is 24 GB
             (loss_sum, aux), grads = grad_fn(compute_params, inputs[0], targets[0], mask[0], True)
-            grads, ce_sum, tokens = f32(grads), aux["ce"], aux["tokens"]
+            grads, ce_sum, tokens = f32(self._as_stored(grads)), aux["ce"], aux["tokens"]
         else:
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = self._as_stored(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
             (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0),
                                                                 (inputs, targets, mask))
         grad_norm = optax.global_norm(grads) / ga  # norm of the mean gradient, before clipping
@@ -200,6 +209,21 @@ class Trainer:
         metrics = {"loss": loss_sum / ga, "ce": ce_sum / ga, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "tokens": tokens}
         return TrainState(params, opt_state, state.step + 1), metrics
+
+    def _for_compute(self, params):
+        """The compute-dtype copy of the params in the compute layout: with ZeRO, the dp-split masters are cast
+        first and then gathered, so the all-gather moves bf16, not fp32."""
+        compute = self.model.cast_for_compute(params)
+        if self.zero:
+            compute = jax.lax.with_sharding_constraint(compute, self.compute_shardings)
+        return compute
+
+    def _as_stored(self, grads):
+        """Gradients in the params' storage layout: with ZeRO, split over dp (XLA turns the data-parallel
+        all-reduce and the slice into a reduce-scatter), so the sum, the clip and Adam run on 1/dp of each leaf."""
+        if not self.zero:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, self.param_shardings)
 
     def train_step(self, state: TrainState, batch: dict, anneal_steps: Optional[int] = None):
         """One optimizer step (asynchronous: the metrics are device scalars; read them when you need them).
@@ -222,6 +246,8 @@ class Trainer:
 
     def _eval_step_fn(self, params, batch: dict):
         inputs, targets, mask = split_batch(batch, self.use_mask)
+        if self.zero:
+            params = self._for_compute(params)
         loss, aux = self._loss(params, inputs, targets, mask, False)
         return {"loss": loss, "ce": aux["ce"], "tokens": aux["tokens"]}
 
