@@ -54,3 +54,20 @@ def test_sampler_on_a_mesh_with_replicated_kv_heads_equals_one_device():
     out = mesh.sample(prompts, 6, prefix=[1, 2, 3])
     np.testing.assert_array_equal(out.tokens, one.tokens)
     np.testing.assert_allclose(out.logprobs, one.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_family_config_errors_and_v1_layout_refusal(tmp_path):
+    from mesh_transformer import checkpoint as ck
+    from mesh_transformer.config import ConfigError, from_dict
+    base = dict(layers=1, d_model=32, n_heads=4, n_vocab=64, seq=16)
+    with pytest.raises(ConfigError, match="'sliding_window' is set but model_type is 'gptj'"):
+        from_dict(dict(base, sliding_window=4))
+    with pytest.raises(ConfigError, match="n_kv_heads=3 must divide n_heads=4"):
+        from_dict(dict(base, model_type="llama", n_kv_heads=3))
+    with pytest.raises(ConfigError, match="'model_type' is 'gpt2'"):
+        from_dict(dict(base, model_type="gpt2"))
+    with pytest.raises(ConfigError, match="rope_scaling.*lacks"):
+        from_dict(dict(base, model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    model = CausalTransformer(dict(base, model_type="llama", compute_dtype="float32"))
+    with pytest.raises(ValueError, match="no mesh-transformer-jax v1 checkpoint layout"):
+        ck.save_checkpoint(str(tmp_path), model.init(jax.random.PRNGKey(0)), 0, model.config)
