@@ -45,8 +45,14 @@ def parse_args(argv=None):
       help="the answers file was written by another checkpoint or other settings: delete it and answer anew")
     a("--resume-anyway", action="store_true",
       help="resume the answers file although it was written with other settings (recorded in its identity file)")
+    from star.flags import RayOptions, add_flags, ray_options
+    add_flags(p, RayOptions)  # --ray-address, --ray-workers, ...: the answers are generated on Ray actors
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
+    try:
+        args.ray = ray_options(vars(args), "device_inference.py")
+    except ValueError as e:
+        p.error(str(e))
     from mesh_transformer import flag_checks as fc
     fc.check(args, {"--n_train_samples": fc.at_least(1), "--gen_length": fc.at_least(1),
                     "--eval_batch_size": fc.at_least(1), "--p_show_hint_save": fc.share(),
@@ -74,7 +80,7 @@ def main(argv=None):
     args = parse_args(argv)
     from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
-    setup_compile_cache(args.compile_cache)
+    args.compile_cache_folder = setup_compile_cache(args.compile_cache)
     from mesh_transformer import run_lock
     from mesh_transformer.cli_util import check_output_dir
     from mesh_transformer.config import load_config
@@ -108,10 +114,30 @@ def _answer(args, out: str, out_dir: str) -> None:
     if args.eval_seq > 0:
         cfg = cfg.replace(seq=args.eval_seq)
     ckpt_path = args.ckpt or ckpt.checkpoint_dir(cfg)
-    backend = JaxBackend(cfg, None, GenerationSettings(batch_size=args.eval_batch_size, seed=args.seed))
+    gen = GenerationSettings(batch_size=args.eval_batch_size, seed=args.seed)
     step = None if args.ckpt_step < 0 else args.ckpt_step
-    params, _, loaded_step, _ = ckpt.load_checkpoint(ckpt_path, cfg, step=step, with_opt=False)
+    if args.ray.ray_workers:  # each Ray worker reads the checkpoint itself; this process never holds it
+        from star.ray_generation import RayBackend, shutdown
+        backend = RayBackend(cfg, None, gen, args.ray, compile_cache=args.compile_cache_folder)
+        try:
+            params, loaded_step = backend.remote_checkpoint(ckpt_path, step)
+        except BaseException:
+            shutdown(backend)
+            raise
+    else:
+        backend = JaxBackend(cfg, None, gen)
+        params, _, loaded_step, _ = ckpt.load_checkpoint(ckpt_path, cfg, step=step, with_opt=False)
     logging.info("loaded %s step %d", ckpt_path, loaded_step)
+    try:
+        _answer_with(args, out, out_dir, task, cfg, ckpt_path, backend, params, loaded_step)
+    finally:
+        if args.ray.ray_workers:
+            shutdown(backend)
+
+
+def _answer_with(args, out, out_dir, task, cfg, ckpt_path, backend, params, loaded_step) -> None:
+    from mesh_transformer import run_identity
+    from star.rationales import PassOptions, accuracy_by_class, run_pass, summarize, training_text
     # an answers file belongs to one checkpoint and one set of flags: another one's answers are never resumed
     run_identity.check_identity(out_dir, "answers", answers_fields(args, cfg, ckpt_path, loaded_step),
                                 what="answers file", force_new=args.force_new, resume_anyway=args.resume_anyway,
@@ -129,7 +155,8 @@ def _answer(args, out: str, out_dir: str) -> None:
     opts = PassOptions(rationalize=args.rationalize and args.split == "train", p_rationalization=p_rat,
                        p_show_hint_save=args.p_show_hint_save, few_shot_train=args.few_shot_train,
                        no_prompt=args.no_prompt, direct=args.direct, gen_length=args.gen_length,
-                       chunk_size=args.eval_batch_size, seed=args.seed, desc=args.split)
+                       chunk_size=args.eval_batch_size * backend.generation_batches, seed=args.seed,
+                       desc=args.split)
     records = run_pass(task, examples, backend.generate_fn(params), opts, out)
     if args.split == "train" and cfg.target_save:
         by_id = {ex.id: ex for ex in examples}

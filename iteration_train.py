@@ -18,6 +18,7 @@ TFRecords, checkpoint and metrics. Killed at any stage, the same command continu
       --base_model_location gs://checkpoint-bucket/step_383500/ --rationalize --exponential_grow --max-steps 7912
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ def _presets() -> dict:
 
 def parse_args(argv=None):
     from mesh_transformer.cli_util import ERRORS_EPILOG, add_compile_cache_flag
-    from star.flags import add_flags, build, flat
+    from star.flags import RAY_FIELDS, RayOptions, add_flags, build, flat, ray_options
     from star.loop import StarOptions
 
     presets = _presets()
@@ -62,6 +63,7 @@ def parse_args(argv=None):
            "taught nothing and made the 40 held-out ones drift (docs/RESULTS.md, loop settings). 1-digit sums stay "
            "in dev, as the check that nothing is forgotten")
     add_flags(p, StarOptions, presets)
+    add_flags(p, RayOptions)  # --ray-address, --ray-workers, ...: generation on Ray actors (star/ray_generation.py)
     add_compile_cache_flag(p)
     a("--force-new", dest="force_new", action="store_true",
       help="--out-dir holds a run with other settings (run_identity.json): delete its contents and start over")
@@ -70,6 +72,12 @@ def parse_args(argv=None):
     from mesh_transformer import wandb_log
     wandb_log.add_flags(p)
     args = p.parse_args(argv)
+    try:
+        ray_opts = ray_options(vars(args), "iteration_train.py")
+    except ValueError as e:
+        p.error(str(e))
+    for key in RAY_FIELDS:  # one object instead (args.ray), kept out of the run identity: the answers are the same
+        delattr(args, key)
     args.task = TASK_ALIASES.get(args.task or "arithmetic", args.task or "arithmetic")
     if args.task not in TASKS:
         p.error(f"--task {args.task!r} does not exist; choose one of {', '.join(TASKS)} (or cqa, gsm)")
@@ -104,14 +112,16 @@ def parse_args(argv=None):
     vars(args).update(flat(opts))  # the namespace holds the resolved values too, as every flag's reader expects
     from star.experiment_guard import check_flags
     check_flags(args)  # ranges of the numeric flags, e.g. --p_rationalization in [0, 1]
+    args.ray = ray_opts
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    ray_opts = args.ray
     from mesh_transformer.cli_util import setup_compile_cache, setup_logging
     setup_logging()
-    setup_compile_cache(args.compile_cache)
+    compile_cache = setup_compile_cache(args.compile_cache)
     from mesh_transformer.config import load_config
     from star.experiment_guard import open_experiment
 
@@ -120,11 +130,12 @@ def main(argv=None):
     if args.tokenizer:
         cfg = cfg.replace(tokenizer=args.tokenizer)
     cfg = cfg.replace(gradient_accumulation_steps=opts.gradient_accumulation_steps)
-    with open_experiment(args, cfg):  # the folder's lock and run identity, before anything is written there
-        return _run(args, argv, cfg, opts)
+    without_ray = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "ray"})
+    with open_experiment(without_ray, cfg):  # the folder's lock and run identity, before anything is written there
+        return _run(args, argv, cfg, opts, ray_opts, compile_cache)
 
 
-def _run(args, argv, cfg, opts):
+def _run(args, argv, cfg, opts, ray_opts, compile_cache):
     from star.backend import GenerationSettings, JaxBackend
     from star.loop import StarRun
     from star.tasks import get_task
@@ -132,16 +143,21 @@ def _run(args, argv, cfg, opts):
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "run_config.json"), "w") as f:
         json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "options": _jsonable(vars(args)),
+                   **({"ray": dataclasses.asdict(ray_opts)} if ray_opts.ray_workers else {}),
                    "model_config": cfg.to_dict()}, f, indent=2)
     task_options = {}
     if args.task == "arithmetic":
         task_options = dict(min_digits=args.min_digits, max_digits=args.max_digits, n_exemplars=args.n_exemplars,
                             n_dev=args.n_dev_per_digit)
     task = get_task(args.task, data_dir=opts.data_dir, **task_options)
-    backend = JaxBackend(cfg, args.base_model_location,
-                         GenerationSettings(temperature=opts.temperature, batch_size=opts.eval_batch_size,
-                                            seed=opts.seed), progress=opts.progress,
-                         anneal_per_finetune=opts.anneal_each_finetune)
+    gen = GenerationSettings(temperature=opts.temperature, batch_size=opts.eval_batch_size, seed=opts.seed)
+    if ray_opts.ray_workers:  # generation on Ray workers; fine-tuning stays here
+        from star.ray_generation import RayBackend
+        backend = RayBackend(cfg, args.base_model_location, gen, ray_opts, compile_cache=compile_cache,
+                             progress=opts.progress, anneal_per_finetune=opts.anneal_each_finetune)
+    else:
+        backend = JaxBackend(cfg, args.base_model_location, gen, progress=opts.progress,
+                             anneal_per_finetune=opts.anneal_each_finetune)
     from mesh_transformer import wandb_log
     wandb_log.configure(args.wandb_project or cfg.wandb_project, args.wandb_mode, args.wandb_dir,
                         f"star_{args.task}_{os.path.basename(os.path.normpath(opts.out_dir))}", _jsonable(vars(args)))
@@ -162,6 +178,9 @@ def _run(args, argv, cfg, opts):
         wandb_log.log_files([os.path.join(opts.out_dir, f) for f in ("results.md", "accuracy.png", "results.json")])
     finally:
         wandb_log.finish()
+        if ray_opts.ray_workers:
+            from star.ray_generation import shutdown
+            shutdown(backend)
     report = os.path.join(opts.out_dir, "results.md")
     if opts.dry_run or not os.path.exists(report):
         logging.getLogger("star").info("done: %d iterations (no report: nothing was run)", len(rows))
@@ -173,7 +192,7 @@ def _run(args, argv, cfg, opts):
 
 def _jsonable(options: dict) -> dict:
     """The flags (resolved: given, else the task's preset, else the default) as plain JSON."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if k != "options"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if k not in ("options", "ray")}
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class JaxBackend:
     """One trainer and one sampler for the whole run, each compiled once per shape; params stay on the devices
     between generation, fine-tuning and evaluation (at 6B a host round trip is 24 GB per direction)."""
 
+    # batches of gen.batch_size one generate call takes (star/ray_generation.py's RayBackend: one per worker)
+    generation_batches = 1
+
     def __init__(self, cfg: Config, base_location: Optional[str], gen: GenerationSettings = GenerationSettings(),
                  progress: bool = True, anneal_per_finetune: bool = False):
         """anneal_per_finetune: each fine-tune's learning rate decays to the config's end_lr over that fine-tune's
@@ -115,8 +118,8 @@ class JaxBackend:
             self._base = self.trainer.put_params(load_base_params(self.cfg, self.base_location))
         return self._base
 
-    def load_params(self, ckpt_dir: str):
-        params, _, _, _ = ckpt.load_checkpoint(ckpt_dir, self.cfg, with_opt=False)
+    def load_params(self, ckpt_dir: str, step: Optional[int] = None):
+        params, _, _, _ = ckpt.load_checkpoint(ckpt_dir, self.cfg, step=step, with_opt=False)
         return self.trainer.put_params(params)
 
     def check_memory(self, generation_shape) -> None:

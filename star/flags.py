@@ -75,3 +75,41 @@ def flat(instance: Any) -> dict:
         value = getattr(instance, f.name)
         out.update(flat(value) if _nested(f) else {f.name: value})
     return out
+
+
+@dataclasses.dataclass
+class RayOptions:
+    """Generation on Ray actors (star/ray_generation.py); the flags of iteration_train.py and device_inference.py.
+    Off (ray_workers 0) unless --ray-workers is given. Not part of a run's identity: the answers are the same."""
+    ray_address: Optional[str] = option(
+        None, "Ray cluster to generate on: 'auto' (the running cluster, or $RAY_ADDRESS) or HOST:PORT of its head; "
+              "not given with --ray-workers: a private Ray instance on this machine", flags=("--ray-address",))
+    ray_workers: int = option(
+        0, "generation workers (Ray actors, each with its own copy of the model and sampler, loaded from the "
+           "checkpoint folder); 0: generate in this process", flags=("--ray-workers",), type=int)
+    ray_worker_gpus: float = option(0.0, "GPUs per generation worker (Ray num_gpus; 0 on CPU)",
+                                    flags=("--ray-worker-gpus",), type=float)
+    ray_worker_cpus: float = option(1.0, "CPUs per generation worker (Ray num_cpus)", flags=("--ray-worker-cpus",),
+                                    type=float)
+    ray_timeout: float = option(
+        3600.0, "seconds a worker may take for one batch (the first also loads the checkpoint and compiles); a worker "
+                "that takes longer is killed and replaced, and its batch re-run", flags=("--ray-timeout",), type=float)
+    ray_retries: int = option(3, "times one batch is re-run on a new worker (after a worker died or hung) before the "
+                                 "run stops", flags=("--ray-retries",), type=int)
+
+
+def ray_options(values: Mapping[str, Any], tool: str) -> RayOptions:
+    """RayOptions from parsed flag values (vars(args)), checked; a bad value names its flag."""
+    opts = build(RayOptions, values)
+    if opts.ray_workers < 0:
+        raise ValueError(f"--ray-workers {opts.ray_workers} ({tool}): give 0 (no Ray) or a number of workers")
+    if opts.ray_address and not opts.ray_workers:
+        raise ValueError(f"--ray-address {opts.ray_address} ({tool}) needs --ray-workers N (how many generation "
+                         f"workers to start on that cluster)")
+    if opts.ray_timeout <= 0 or opts.ray_retries < 0 or opts.ray_worker_cpus < 0 or opts.ray_worker_gpus < 0:
+        raise ValueError(f"{tool}: --ray-timeout must be > 0 and --ray-retries, --ray-worker-cpus and "
+                         f"--ray-worker-gpus >= 0")
+    return opts
+
+
+RAY_FIELDS = tuple(f.name for f in dataclasses.fields(RayOptions))  # the flags' dests, kept out of run identities

@@ -206,7 +206,8 @@ class StarRun:
         o = self.opts
         g = o.generation
         return dataclasses.replace(g, rationalize=g.rationalize and split == "train", no_prompt=g.no_prompt and n > 1,
-                                   chunk_size=o.eval_batch_size, seed=o.seed * 1000 + n,
+                                   chunk_size=o.eval_batch_size * getattr(self.backend, "generation_batches", 1),
+                                   seed=o.seed * 1000 + n,
                                    n_samples=g.n_samples if split == "train" else 1, progress=o.progress,
                                    desc=f"iter {n} {split}")
 
