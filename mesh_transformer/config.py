@@ -72,7 +72,15 @@ class Config:
     z_loss: float = 1e-4  # mtj's z-loss coefficient during training
     adam_dtype: str = "params"  # dtype of Adam's first moment: the params' (mtj) or "bfloat16" (half the bytes)
     zero: bool = False  # ZeRO: fp32 master params and optimizer state sharded over 'dp' too, gathered for the forward
+    # --- model family (issue 18); the Llama keys are ignored by "gptj" ---
+    model_type: str = "gptj"  # "gptj" | "llama" | "qwen2" | "mistral" (the last three: the Llama block, llama.py)
     n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None: n_heads
+    rope_theta: float = 10000.0  # rotary base (Llama family)
+    rope_scaling: Optional[Mapping[str, Any]] = None  # Llama-3's {"rope_type": "llama3", "factor", ...}; None: off
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon (Llama family)
+    qkv_bias: bool = False  # q/k/v projections with bias (Qwen2)
+    tie_word_embeddings: bool = False  # lm_head is the embedding's transpose (Qwen2-0.5B, Llama-3.2-1B)
+    sliding_window: Optional[int] = None  # attend to the last `sliding_window` positions only (Mistral)
 
     # ----- derived -----
     @property
@@ -93,9 +101,18 @@ class Config:
         return self.pe_rotary_dims if self.pe_rotary_dims is not None else self.d_head
 
     @property
+    def is_llama(self) -> bool:
+        """The Llama block (llama.py) rather than GPT-J's (layers.py)."""
+        return self.model_type in LLAMA_FAMILY
+
+    @property
     def n_params(self) -> int:
         """Parameter count (embedding bias and LN included), for MFU and logs."""
         d, f, v, L = self.d_model, self.ffn_dim, self.n_vocab, self.layers
+        if self.is_llama:
+            kv = self.kv_heads * self.d_head
+            per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d + ((d + 2 * kv) if self.qkv_bias else 0)
+            return L * per_layer + v * d + d + (0 if self.tie_word_embeddings else d * v)
         per_layer = 4 * d * d + 2 * d * f + f + d + 2 * d
         return L * per_layer + v * d + d + 2 * d + d * v + v
 
@@ -118,10 +135,19 @@ class Config:
             json.dump(self.to_dict(), f, indent=2)
 
 
+class _Frozen(dict):
+    """A dict that hashes (Config is a frozen dataclass used as a static jit argument)."""
+
+    def __hash__(self):
+        return hash(json.dumps(self, sort_keys=True))
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 REQUIRED_KEYS = tuple(name for name, f in _FIELDS.items()
                       if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 _CHOICES = {
+    "model_type": ("gptj",) + LLAMA_FAMILY,
     "norm": ("layernorm",),
     "pe": ("rotary",),
     "compute_dtype": ("bfloat16", "float32", "float16"),
@@ -149,6 +175,8 @@ def from_dict(raw: Mapping[str, Any], source: Optional[str] = None) -> Config:
         raise ConfigError(f"config{_where(source)} is missing required key(s) {missing}: add them "
                           f"(see configs/6B_roto_256.json for a complete example)")
     values = dict(raw)
+    if isinstance(values.get("rope_scaling"), Mapping):
+        values["rope_scaling"] = _Frozen(values["rope_scaling"])
     if "eval_harness_tasks" in values:
         values["eval_harness_tasks"] = tuple(values["eval_harness_tasks"] or ())
     if values.get("val_set") is None:
@@ -165,7 +193,9 @@ _TYPES = {
     "warmup_steps": (_INT, 0, False), "anneal_steps": (_INT, 1, False), "total_steps": (_INT, 0, False),
     "tpu_size": (_INT, 1, False), "val_batches": (_INT, 0, False), "val_every": (_INT, 0, False),
     "ckpt_every": (_INT, 0, False), "keep_every": (_INT, 0, False), "keep_n": (_INT, 0, True),
-    "d_ff": (_INT, 1, True), "n_kv_heads": (_INT, 1, True), "pe_rotary_dims": (_INT, None, True),
+    "d_ff": (_INT, 1, True), "n_kv_heads": (_INT, 1, True), "sliding_window": (_INT, 1, True),
+    "rope_theta": (_FLOAT, 0, False), "rms_norm_eps": (_FLOAT, 0, False), "qkv_bias": (_BOOL, None, False),
+    "tie_word_embeddings": (_BOOL, None, False), "pe_rotary_dims": (_INT, None, True),
     "lr": (_FLOAT, 0, False), "end_lr": (_FLOAT, 0, False), "weight_decay": (_FLOAT, 0, False),
     "z_loss": (_FLOAT, 0, False), "noise_scale_alpha": (_FLOAT, None, True), "p_rationalization": (_FLOAT, 0, True),
     "early_cast": (_BOOL, None, False), "scan_layers": (_BOOL, None, False), "zero": (_BOOL, None, False),
@@ -226,6 +256,7 @@ def _validate(cfg: Config, source: Optional[str]) -> None:
     if cfg.d_model % cfg.n_heads:
         fail(f"n_heads={cfg.n_heads} does not divide d_model={cfg.d_model}; pick n_heads so that d_model/n_heads "
              f"is whole (GPT-J-6B: d_model 4096, n_heads 16)")
+    _validate_family(cfg, fail)
     if cfg.n_heads % cfg.cores_per_replica:
         fail(f"cores_per_replica={cfg.cores_per_replica} does not divide n_heads={cfg.n_heads}; heads are split "
              f"over the model-parallel axis, so set cores_per_replica to a divisor of n_heads")
@@ -244,6 +275,34 @@ def _validate(cfg: Config, source: Optional[str]) -> None:
         fail(f"warmup_steps must be >= 0 and anneal_steps >= 1 (got {cfg.warmup_steps}, {cfg.anneal_steps})")
     if not isinstance(cfg.val_set, Mapping):
         fail(f"'val_set' must be an object {{name: index file}}, got {type(cfg.val_set).__name__}")
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _validate_family(cfg: Config, fail) -> None:
+    """The keys a model family needs, and those it cannot honour."""
+    if not cfg.is_llama:
+        for key, default in (("n_kv_heads", None), ("rope_scaling", None), ("qkv_bias", False),
+                             ("tie_word_embeddings", False), ("sliding_window", None)):
+            if getattr(cfg, key) not in (default, cfg.n_heads if key == "n_kv_heads" else default):
+                fail(f"'{key}' is set but model_type is {cfg.model_type!r}: GPT-J has no such option; set "
+                     f"\"model_type\" to one of {', '.join(LLAMA_FAMILY)} or remove '{key}'")
+        return
+    if cfg.kv_heads < 1 or cfg.n_heads % cfg.kv_heads:
+        fail(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads} (grouped-query attention: each kv head "
+             f"serves n_heads/n_kv_heads query heads)")
+    if cfg.rotary_dims != cfg.d_head:
+        fail(f"pe_rotary_dims={cfg.pe_rotary_dims}: the Llama family rotates the whole head (d_head={cfg.d_head}); "
+             f"remove pe_rotary_dims")
+    rs = cfg.rope_scaling
+    if rs is not None:
+        if not isinstance(rs, Mapping) or rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
+            fail(f"'rope_scaling' is {rs!r}; supported: null or {{\"rope_type\": \"llama3\", "
+                 f"{', '.join(_LLAMA3_KEYS)}}} (Llama-3.1/3.2)")
+        missing = [k for k in _LLAMA3_KEYS if rs.get("rope_type", rs.get("type")) == "llama3" and k not in rs]
+        if missing:
+            fail(f"'rope_scaling' of type llama3 lacks {', '.join(missing)}; copy them from the model's config.json")
 
 
 def read_raw_config(path: str, what: str = "config file") -> tuple:

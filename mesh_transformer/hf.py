@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import ml_dtypes
 import numpy as np
 
-from .config import Config, ConfigError, from_dict
-from .weights import WEIGHTS, dim_value
+from .config import LLAMA_FAMILY, Config, ConfigError, from_dict
+from .weights import WEIGHTS, dim_value, weights_for
 
 _BY_PATH = {(w.module, w.name): w for w in WEIGHTS}  # the one weight table (weights.py) holds every HF name
 
@@ -50,6 +50,70 @@ def hf_config_dict(cfg: Config, eos_token_id: int = 50256) -> dict:
     }
 
 
+_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def _rope(hf_cfg: dict) -> tuple:
+    """(rope_theta, rope_scaling or None) from an HF config: transformers 5's `rope_parameters`, or the older
+    top-level rope_theta / rope_scaling that hub folders still carry."""
+    params = dict(hf_cfg.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf_cfg.get("rope_theta", 10000.0))
+    scaling = params if params.get("rope_type", "default") != "default" else hf_cfg.get("rope_scaling")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return float(theta), (dict(scaling) if scaling is not None else None)
+
+
+def config_from_hf_llama(hf_cfg: dict, **overrides: Any) -> Config:
+    """Our Config from the config.json of a LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM."""
+    mt = hf_cfg.get("model_type")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if k not in hf_cfg]
+    if missing:
+        raise ConfigError(f"HF config.json (model_type {mt!r}) lacks {', '.join(missing)}")
+    d, h = hf_cfg["hidden_size"], hf_cfg["num_attention_heads"]
+    if hf_cfg.get("head_dim") not in (None, d // h) or d % h:
+        raise ConfigError(f"HF config.json head_dim {hf_cfg.get('head_dim')} is not hidden_size/num_attention_heads "
+                          f"({d}/{h}); models with a separate head_dim are not supported")
+    if hf_cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"HF config.json hidden_act {hf_cfg['hidden_act']!r}: the Llama block uses silu")
+    if mt == "llama" and (hf_cfg.get("attention_bias") or hf_cfg.get("mlp_bias")):
+        raise ConfigError("HF config.json sets attention_bias or mlp_bias: Llama models with biases are not supported")
+    if mt == "qwen2" and hf_cfg.get("use_sliding_window"):
+        raise ConfigError("HF config.json sets use_sliding_window: Qwen2's per-layer sliding window is not supported")
+    theta, scaling = _rope(hf_cfg)
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ConfigError(f"HF config.json rope scaling {scaling!r}: only Llama-3's (rope_type llama3) is supported")
+    raw = dict(model_type=mt, layers=hf_cfg["num_hidden_layers"], d_model=d, n_heads=h,
+               n_kv_heads=hf_cfg.get("num_key_value_heads") or h, n_vocab=hf_cfg["vocab_size"],
+               seq=hf_cfg.get("max_position_embeddings", 2048), d_ff=hf_cfg["intermediate_size"],
+               rms_norm_eps=float(hf_cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+               qkv_bias=mt == "qwen2", tie_word_embeddings=bool(hf_cfg.get("tie_word_embeddings", False)),
+               sliding_window=hf_cfg.get("sliding_window") if mt == "mistral" else None)
+    raw.update(overrides)
+    return from_dict(raw, source="HF config.json")
+
+
+def hf_config_dict_llama(cfg: Config, eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None) -> dict:
+    """The config.json of the HF class of our Llama-family config."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**dict(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
+    out = {"architectures": [_ARCH[cfg.model_type]], "model_type": cfg.model_type, "vocab_size": cfg.n_vocab,
+           "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.layers,
+           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.d_head,
+           "max_position_embeddings": cfg.seq, "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
+           "rope_parameters": rope, "tie_word_embeddings": cfg.tie_word_embeddings, "attention_dropout": 0.0,
+           "initializer_range": 0.02, "use_cache": True, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    if cfg.model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    return out
+
+
 def config_from_hf(hf_cfg: dict, **overrides: Any) -> Config:
     """Our Config from an HF GPT-J config.json dict (training keys take their defaults unless overridden)."""
     if hf_cfg.get("model_type", "gptj") != "gptj":
@@ -68,11 +132,13 @@ def config_from_hf(hf_cfg: dict, **overrides: Any) -> Config:
 
 
 def to_hf_state_dict(cfg: Config, params: Any, dtype=np.float32) -> Dict[str, np.ndarray]:
-    """Our params -> HF GPT-J state dict of numpy arrays (torch layout)."""
+    """Our params -> HF state dict of numpy arrays (torch layout), for either family (weights.weights_for)."""
     p = {mod: {name: np.asarray(leaf, np.float32) for name, leaf in leaves.items()} for mod, leaves in params.items()}
-    out = {_hf_key("embedding", "w"): p["embedding"]["w"] + p["embedding"]["b"][None, :]}  # HF folds the bias in
-    for w in WEIGHTS:
-        if w.hf_name is None or w.module == "embedding":
+    out = {}
+    if not cfg.is_llama:
+        out[_hf_key("embedding", "w")] = p["embedding"]["w"] + p["embedding"]["b"][None, :]  # HF folds the bias in
+    for w in weights_for(cfg):
+        if w.hf_name is None or w.hf_name in out:
             continue
         if w.stacked:
             for i in range(cfg.layers):
@@ -85,20 +151,23 @@ def to_hf_state_dict(cfg: Config, params: Any, dtype=np.float32) -> Dict[str, np
 
 
 def from_hf_state_dict(cfg: Config, state: Dict[str, np.ndarray]) -> Any:
-    """HF GPT-J state dict (numpy) -> our params (float32 numpy)."""
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    """HF state dict (numpy) -> our params (float32 numpy), for either family."""
+    if not cfg.is_llama:  # GPT-J folders name keys without the "model." some exporters add
+        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    arch = _ARCH.get(cfg.model_type, "GPTJForCausalLM")
 
     def get(key: str, shape: tuple) -> np.ndarray:
         if key not in state:
-            raise ValueError(f"HF weights lack '{key}'; is this a GPT-J (GPTJForCausalLM) checkpoint?")
+            raise ValueError(f"HF weights lack '{key}'; is this a {arch} checkpoint (config.json model_type "
+                             f"{cfg.model_type!r})?")
         arr = np.asarray(state[key], np.float32)
         if arr.shape != tuple(shape):
             raise ValueError(f"HF weight '{key}' has shape {arr.shape}, the config needs {tuple(shape)}; "
-                             f"check config.json (n_embd, n_head, n_inner, vocab_size, n_layer)")
+                             f"check config.json (hidden size, heads, kv heads, intermediate size, vocab, layers)")
         return arr
 
-    params: dict = {"embedding": {"b": np.zeros((cfg.d_model,), np.float32)}}  # HF folded it into wte
-    for w in WEIGHTS:
+    params: dict = {} if cfg.is_llama else {"embedding": {"b": np.zeros((cfg.d_model,), np.float32)}}
+    for w in weights_for(cfg):
         if w.hf_name is None:
             continue
         shape = tuple(dim_value(cfg, k) for k in w.dims)  # ours, unstacked
@@ -201,3 +270,85 @@ def save_hf_gptj(cfg: Config, params: Any, out_dir: str, dtype: str = "float32",
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
+
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def folder_dtype(hf_cfg: dict) -> Optional[str]:
+    """The dtype an HF config.json says its weights are in (`dtype`, or the older `torch_dtype`)."""
+    value = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
+    return value if value in _NP_DTYPES else None
+
+
+def load_hf(hf_dir: str, **config_overrides: Any):
+    """An HF folder of any supported family (GPTJ/Llama/Qwen2/MistralForCausalLM) -> (Config, float32 numpy params).
+
+    The compute dtype follows the folder's dtype (an fp32 folder computes in fp32, a bf16 one in bf16) unless
+    `compute_dtype` is overridden; a folder with a tokenizer.json brings its tokenizer (`tokenizer` = the folder)."""
+    hf_cfg = read_hf_config(hf_dir, saved_by="save_pretrained or save_hf")
+    mt = hf_cfg.get("model_type", "gptj")
+    overrides = dict(config_overrides)
+    dtype = folder_dtype(hf_cfg)
+    if dtype is not None:
+        overrides.setdefault("compute_dtype", dtype)
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        overrides.setdefault("tokenizer", hf_dir)
+    if mt in LLAMA_FAMILY:
+        cfg = config_from_hf_llama(hf_cfg, **overrides)
+    elif mt == "gptj":
+        cfg = config_from_hf(hf_cfg, **overrides)
+    else:
+        raise ConfigError(f"{hf_dir}/config.json has model_type {mt!r}; supported: gptj, {', '.join(LLAMA_FAMILY)}")
+    return cfg, from_hf_state_dict(cfg, _read_state_dict(hf_dir))
+
+
+def save_hf(cfg: Config, params: Any, out_dir: str, dtype: str = "float32", max_shard_bytes: Optional[int] = None,
+            eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None) -> None:
+    """Writes an HF folder (`config.json` + safetensors) that `AutoModelForCausalLM.from_pretrained` loads.
+
+    max_shard_bytes: split the weights over model-0000i-of-0000n.safetensors with a model.safetensors.index.json
+    (as save_pretrained's max_shard_size); None: one model.safetensors. Every file is written under a temporary name
+    and renamed, config.json and the index last, so a crash never leaves a folder that reads as complete."""
+    from safetensors.numpy import save_file
+
+    if not cfg.is_llama:
+        eos = 50256 if eos_token_id is None else eos_token_id
+        config = hf_config_dict(cfg, eos)
+    else:
+        config = hf_config_dict_llama(cfg, eos_token_id, bos_token_id)
+    config["dtype"] = dtype
+    os.makedirs(out_dir, exist_ok=True)
+    state = to_hf_state_dict(cfg, params, _NP_DTYPES[dtype])
+    shards = [dict(state)]
+    if max_shard_bytes is not None:
+        shards, size = [{}], 0
+        for key, arr in state.items():
+            if shards[-1] and size + arr.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = arr
+            size += arr.nbytes
+    index_path = os.path.join(out_dir, "model.safetensors.index.json")
+    single = os.path.join(out_dir, "model.safetensors")
+    for stale in (index_path, single):  # the reader would prefer a stale single file to a new index
+        if os.path.exists(stale):
+            os.remove(stale)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if max_shard_bytes is None else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tmp = os.path.join(out_dir, name + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, name))
+        weight_map.update({key: name for key in shard})
+    if max_shard_bytes is not None:
+        _write_json(index_path, {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
+                                 "weight_map": weight_map})
+    _write_json(os.path.join(out_dir, "config.json"), config)
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)

@@ -12,7 +12,10 @@ import os
 import sys
 from typing import Any, NamedTuple, Optional
 
-SHAPE_KEYS = ("layers", "d_model", "n_heads", "n_vocab", "seq", "pe_rotary_dims", "d_ff")
+SHAPE_KEYS = ("layers", "d_model", "n_heads", "n_vocab", "seq", "pe_rotary_dims", "d_ff",
+              # the model family's keys also come from the folder's config.json
+              "model_type", "n_kv_heads", "rope_theta", "rope_scaling", "rms_norm_eps", "qkv_bias",
+              "tie_word_embeddings", "sliding_window")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -23,8 +26,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     a("--ckpt", default=None, help="v1 checkpoint folder (holding meta.json, or a step_N folder) to load; default: "
                                    "the config's bucket/model_dir, or a random init when that holds no checkpoint")
     a("--ckpt-step", type=int, default=None, help="checkpoint step to load (default: the latest)")
-    a("--hf", default=None, help="Hugging Face GPT-J folder (config.json + safetensors) to load instead of a "
-                                 "checkpoint; --config then only supplies training keys, if given")
+    a("--hf", default=None, help="Hugging Face folder (config.json + safetensors) of a GPTJ, Llama, Qwen2 or "
+                                 "MistralForCausalLM to load instead of a checkpoint; the compute dtype follows the "
+                                 "folder's unless --compute-dtype or the config sets it; --config then only "
+                                 "supplies training keys, if given")
     a("--tokenizer", default=None, help="byte, gpt2 or a folder with vocab.json + merges.txt (default: the "
                                         "config's tokenizer, or the --hf folder when it holds one)")
     a("--cores-per-replica", type=int, default=None, help="model-parallel size on this machine (default: the "
@@ -45,18 +50,18 @@ def load_model(config: Optional[str] = None, ckpt: Optional[str] = None, ckpt_st
                what: str = "sampling from") -> Loaded:
     """(config, params, tokenizer spec) from `hf`, `ckpt` or the config's checkpoint folder; params None for a random
     init (the caller creates it in its shardings: `Sampler.init_params`)."""
-    from .config import load_config
+    from .config import load_config, read_raw_config
 
     overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
     if hf:
-        from .hf import load_hf_gptj
+        from .hf import load_hf
 
         extra = {}
-        if config:
-            extra = {k: v for k, v in load_config(config).to_dict().items() if k not in SHAPE_KEYS}
-        cfg, params = load_hf_gptj(hf, **{**extra, **overrides})
-        tok = hf if os.path.exists(os.path.join(hf, "vocab.json")) else None
-        print(f"loaded HF GPT-J from {hf}", file=sys.stderr)
+        if config:  # the keys the config file sets (not its defaults: the compute dtype follows the folder's)
+            extra = {k: v for k, v in read_raw_config(config)[0].items() if k not in SHAPE_KEYS}
+        cfg, params = load_hf(hf, **{**extra, **overrides})
+        tok = hf if any(os.path.exists(os.path.join(hf, f)) for f in ("vocab.json", "tokenizer.json")) else None
+        print(f"loaded HF {cfg.model_type} from {hf} (compute {cfg.compute_dtype})", file=sys.stderr)
         return Loaded(cfg, params, tok)
     if not config:
         raise ValueError("pass --config (a JSON config or preset name), or --hf with a Hugging Face GPT-J folder")

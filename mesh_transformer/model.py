@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from .config import Config, load_config
 from .layers import Embedding, GPTJBlock, LayerCache, Projection
+from .llama import LlamaBlock, LlamaEmbedding, LlamaProjection
 
 Params = Any  # a Haiku params dict
 
@@ -53,7 +54,7 @@ def _remat_policy(name: str):
 
 
 class CausalTransformer:
-    """GPT-J. `init(rng) -> params`; `logits(params, tokens) -> float32 [B, T, V]`; `loss(...)`; `forward(...)` for
+    """GPT-J, or the Llama block (config model_type llama / qwen2 / mistral; llama.py). `init(rng) -> params`; `logits(params, tokens) -> float32 [B, T, V]`; `loss(...)`; `forward(...)` for
     cached decoding. Every method is a pure function of its arguments, so callers jit and shard them."""
 
     def __init__(self, config: Any):
@@ -72,8 +73,9 @@ class CausalTransformer:
 
         # Params are cast to the compute dtype where they are read: a layer's inside the layer loop, so only one
         # layer's compute copy exists at a time (mtj cast the whole tree up front: at 6B a 12 GB bf16 copy).
+        embedding = (LlamaEmbedding if cfg.is_llama else Embedding)(cfg.n_vocab, cfg.d_model)
         with hk.custom_getter(in_compute_dtype):
-            x = Embedding(cfg.n_vocab, cfg.d_model)(tokens, dtype)  # [B, T, D]
+            x = embedding(tokens, dtype)  # [B, T, D]
 
         if prefix is not None and cache is None:
             raise ValueError("a shared prefix needs a KVCache for the rows")
@@ -118,11 +120,15 @@ class CausalTransformer:
         if last_only:  # prefill needs the next-token logits only: skip a [B, T, V] float32 tensor
             x = x[:, -1:]
         with hk.custom_getter(in_compute_dtype):
-            logits = Projection(cfg.n_vocab)(x)  # [B, T, V] float32 ([B, 1, V] with last_only)
+            project = LlamaProjection(cfg, embedding) if cfg.is_llama else Projection(cfg.n_vocab)
+            logits = project(x)  # [B, T, V] float32 ([B, 1, V] with last_only)
         return logits, (cache._replace(k=ck, v=cv) if cache is not None else None)
 
     @staticmethod
     def _block(cfg: Config):
+        """The layer of the config's family: GPT-J's (layers.py) or the Llama block (llama.py)."""
+        if cfg.is_llama:
+            return LlamaBlock(cfg, name="block")
         return GPTJBlock(cfg.n_heads, cfg.d_head, cfg.ffn_dim, cfg.rotary_dims, cfg.layers,
                          attention_impl=cfg.attention_impl, name="block")
 

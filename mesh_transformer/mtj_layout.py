@@ -122,8 +122,17 @@ def chunk_bounds(n: int, pieces: int = PIECES) -> List[Tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------ shapes
+def require_gptj(cfg: Any) -> None:
+    """The v1 layout is GPT-J's; a Llama-family model has no mtj counterpart."""
+    if getattr(cfg, "is_llama", False):
+        raise ValueError(f"model_type {cfg.model_type!r} has no mesh-transformer-jax v1 checkpoint layout (it is "
+                         f"GPT-J's); save the model as an HF folder (mesh_transformer.hf.save_hf) and load it "
+                         f"with --hf. Fine-tune checkpoints of Llama-family models are not implemented yet")
+
+
 def full_shape(rule: ParamRule, cfg: Any) -> Tuple[int, ...]:
     """Shape of the unstacked (one layer) leaf in our layout."""
+    require_gptj(cfg)
     return tuple(dim_value(cfg, k) for k in rule.dims)
 
 
@@ -136,6 +145,7 @@ def shard_shape(rule: ParamRule, cfg: Any, shards: int) -> Tuple[int, ...]:
 
 def shard_divisors(cfg: Any) -> Sequence[Tuple[str, int]]:
     """Config sizes a shard count must divide (heads stay whole on a shard, as mtj)."""
+    require_gptj(cfg)
     return (("n_heads", cfg.n_heads), ("n_vocab", cfg.n_vocab), ("d_ff", cfg.ffn_dim), ("d_model", cfg.d_model))
 
 

@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .model import CausalTransformer, KVCache, PrefixKV
-from .sharding import DP, MP, make_mesh, named, param_specs, place
+from .sharding import DP, MP, cache_specs, make_mesh, named, param_specs, place, replicate_kv
 
 Array = jax.Array
 FloatOrSeq = Union[float, Sequence[float]]
@@ -143,7 +143,7 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
     b, tp = tokens.shape
     n_prefix = 0 if prefix is None else prefix.k.shape[2]  # [L, Hkv, P, Dh]
     slots = tp + max_new - 1  # the last new token's keys are never needed
-    kv_sharding = named(mesh, _cache_specs())
+    kv_sharding = named(mesh, cache_specs(replicate_kv(model.config, mesh)))
     row = NamedSharding(mesh, P(DP))
 
     idx = jnp.arange(tp, dtype=jnp.int32)[None, :]
@@ -203,12 +203,6 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
     return out, jax.lax.with_sharding_constraint(state["lengths"], row), state["logp"]
 
 
-def _cache_specs() -> KVCache:
-    """KVCache [L, B, Hkv, S, Dh]: rows over dp, kv heads over mp (as sharding.cache_specs)."""
-    from .sharding import cache_specs
-    return cache_specs()
-
-
 def bucket_length(n: int) -> int:
     """Padded prompt length for n tokens: powers of two from 8 to 32, multiples of 32 to 256, then of 64
     (a few compiled shapes, at most ~25% padding past 32 tokens)."""
@@ -244,11 +238,12 @@ class Sampler:
         # Built once per (model, mesh); params are an argument of every compiled function, so a long-lived sampler
         # serves every model of a run (`set_params`) without tracing or compiling again.
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # abstract: nothing allocated
-        self.param_shardings = named(self.mesh, param_specs(shapes))
+        kv_replicated = replicate_kv(self.config, self.mesh)
+        self.param_shardings = named(self.mesh, param_specs(shapes, kv_replicated))
         self._cast = jax.jit(model.cast_for_compute, in_shardings=(self.param_shardings,),
                              out_shardings=self.param_shardings)
         self._generate = jax.jit(functools.partial(_generate_impl, model, self.mesh), static_argnums=(0,))
-        prefix_spec = NamedSharding(self.mesh, P(None, MP, None, None))
+        prefix_spec = NamedSharding(self.mesh, P(None, None if kv_replicated else MP, None, None))
         self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(PrefixKV(prefix_spec, prefix_spec),
                                                                     NamedSharding(self.mesh, P())))
         self._prefixes: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .weights import SPLIT, WEIGHTS, Weight
+from .weights import LLAMA_WEIGHTS, SPLIT, WEIGHTS, Weight
 
 DP, MP = "dp", "mp"
 
@@ -30,7 +30,9 @@ def _spec(weight: Weight) -> P:
 # weight table (weights.py): [V, D] embedding and [D, V] lm_head split on the vocabulary, q/k/v/fc_in on their output
 # (heads, F), out/fc_out on their input; biases of split outputs split with them; LayerNorms and summed biases
 # replicated.
-_RULES = {(w.suffix, w.name): _spec(w) for w in WEIGHTS}
+# Both families' tables: a leaf named in both (q, out, ln_f, lm_head, embedding) is split the same way in both.
+_RULES = {(w.suffix, w.name): _spec(w) for w in WEIGHTS + LLAMA_WEIGHTS}
+assert all(_RULES[(w.suffix, w.name)] == _spec(w) for w in WEIGHTS), "weights.py: a leaf split two ways"
 
 
 def make_mesh(cores_per_replica: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -49,18 +51,26 @@ def is_stacked(module_path: str) -> bool:
     return module_path.startswith("layers")
 
 
-def leaf_spec(module_path: str, name: str) -> P:
+def leaf_spec(module_path: str, name: str, replicate_kv: bool = False) -> P:
     suffix = module_path.split("/")[-1]
     try:
         spec = _RULES[(suffix, name)]
     except KeyError:
         raise KeyError(f"no sharding rule for parameter {module_path}/{name}; add the weight to weights.WEIGHTS")
+    if replicate_kv and suffix in ("k", "v"):
+        spec = P(*([None] * len(spec)))
     return P(None, *spec) if is_stacked(module_path) else spec
 
 
-def param_specs(params: Any) -> Any:
-    """PartitionSpecs with the structure of a Haiku params dict."""
-    return {mod: {name: leaf_spec(mod, name) for name in leaves} for mod, leaves in params.items()}
+def replicate_kv(cfg: Any, mesh: Mesh) -> bool:
+    """Whether the kv heads are replicated over 'mp' (grouped-query models whose kv heads 'mp' does not divide);
+    otherwise they are split over it as the query heads are."""
+    return cfg.kv_heads % mesh.shape[MP] != 0
+
+
+def param_specs(params: Any, replicate_kv: bool = False) -> Any:
+    """PartitionSpecs with the structure of a Haiku params dict (k/v replicated with replicate_kv)."""
+    return {mod: {name: leaf_spec(mod, name, replicate_kv) for name in leaves} for mod, leaves in params.items()}
 
 
 def tree_specs_like_params(tree: Any, params: Any, specs: Any) -> Any:
@@ -114,9 +124,9 @@ def place(tree: Any, shardings: Any, host_dtype: Any = None) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
+def shard_params(params: Any, mesh: Mesh, replicate_kv: bool = False) -> Any:
     """Places params on the mesh in the Megatron layout."""
-    return jax.device_put(params, named(mesh, param_specs(params)))
+    return jax.device_put(params, named(mesh, param_specs(params, replicate_kv)))
 
 
 def batch_spec(ndim: int) -> P:
@@ -124,8 +134,9 @@ def batch_spec(ndim: int) -> P:
     return P(*([None] * (ndim - 2)), DP, None)
 
 
-def cache_specs() -> Any:
-    """Specs for mesh_transformer.model.KVCache: k/v [L, B, Hkv, S, Dh] rows over dp, kv heads over mp."""
+def cache_specs(replicate_kv: bool = False) -> Any:
+    """Specs for mesh_transformer.model.KVCache: k/v [L, B, Hkv, S, Dh] rows over dp, kv heads over mp (unless
+    replicated: see replicate_kv)."""
     from .model import KVCache
-    kv = P(None, DP, MP, None, None)
+    kv = P(None, DP, None if replicate_kv else MP, None, None)
     return KVCache(kv, kv, P(DP, None), P(DP, None))

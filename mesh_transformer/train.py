@@ -103,7 +103,7 @@ class Trainer:
                                          jax.eval_shape(self.model.init, jax.random.PRNGKey(0)))
         # compute_specs: the Megatron layout the forward pass runs in. param_specs: where the fp32 master params
         # (and, from them, the optimizer state) are stored; the same, or with cfg.zero also split over 'dp'.
-        self.compute_specs = sharding.param_specs(self.param_shapes)
+        self.compute_specs = sharding.param_specs(self.param_shapes, sharding.replicate_kv(cfg, self.mesh))
         self.compute_shardings = sharding.named(self.mesh, self.compute_specs)
         self.zero = bool(cfg.zero) and self.mesh.shape[sharding.DP] > 1
         self.param_specs = (sharding.zero_specs(self.compute_specs, self.param_shapes, self.mesh.shape[sharding.DP])

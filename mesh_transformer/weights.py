@@ -34,6 +34,15 @@ class Weight:
     hf_name: Optional[str]  # HF state-dict key ("{i}": layer index); None: no HF tensor of its own
     hf_transpose: bool = False  # HF stores the transpose ([out, in])
     fill: float = 0.0  # value of shards > 0 for REPLICATED params (mtj's init)
+    when: Optional[str] = None  # the weight exists only when this holds: "qkv_bias", "untied" (Llama family)
+
+    def present(self, cfg: Any) -> bool:
+        """Whether a model of this config has the weight."""
+        if self.when == "qkv_bias":
+            return bool(cfg.qkv_bias)
+        if self.when == "untied":
+            return not cfg.tie_word_embeddings
+        return True
 
     @property
     def stacked(self) -> bool:
@@ -53,8 +62,12 @@ class Weight:
 
 
 def dim_value(cfg: Any, key: str) -> int:
-    """The size a config gives to a dims key ("d_ff" is the derived ffn_dim)."""
-    return cfg.ffn_dim if key == "d_ff" else getattr(cfg, key)
+    """The size a config gives to a dims key ("d_ff" is the derived ffn_dim, "kv_dim" the kv heads' width)."""
+    if key == "d_ff":
+        return cfg.ffn_dim
+    if key == "kv_dim":
+        return cfg.kv_heads * cfg.d_head
+    return getattr(cfg, key)
 
 
 _LN = "layer_{i}/~/replicated_layer_norm"
@@ -88,3 +101,33 @@ WEIGHTS: Tuple[Weight, ...] = (
            "lm_head.weight", True),
     Weight("projection/lm_head", "b", "projection_shard/~/linear", "b", SPLIT, 0, ("n_vocab",), "lm_head.bias"),
 )
+
+
+# The Llama family (llama.py): no mtj v1 layout (its checkpoints are HF folders); kv heads split over mp as q's heads.
+_L = "model.layers.{i}."
+_D, _KV = ("d_model", "d_model"), ("d_model", "kv_dim")
+LLAMA_WEIGHTS: Tuple[Weight, ...] = (
+    Weight("embedding", "w", None, None, SPLIT, 0, ("n_vocab", "d_model"), "model.embed_tokens.weight"),
+    Weight("layers/block/ln_attn", "scale", None, None, REPLICATED, None, ("d_model",), _L + "input_layernorm.weight"),
+    Weight("layers/block/q", "w", None, None, SPLIT, 1, _D, _L + "self_attn.q_proj.weight", True),
+    Weight("layers/block/q", "b", None, None, SPLIT, 0, ("d_model",), _L + "self_attn.q_proj.bias", when="qkv_bias"),
+    Weight("layers/block/k", "w", None, None, SPLIT, 1, _KV, _L + "self_attn.k_proj.weight", True),
+    Weight("layers/block/k", "b", None, None, SPLIT, 0, ("kv_dim",), _L + "self_attn.k_proj.bias", when="qkv_bias"),
+    Weight("layers/block/v", "w", None, None, SPLIT, 1, _KV, _L + "self_attn.v_proj.weight", True),
+    Weight("layers/block/v", "b", None, None, SPLIT, 0, ("kv_dim",), _L + "self_attn.v_proj.bias", when="qkv_bias"),
+    Weight("layers/block/out", "w", None, None, SPLIT, 0, _D, _L + "self_attn.o_proj.weight", True),
+    Weight("layers/block/ln_mlp", "scale", None, None, REPLICATED, None, ("d_model",),
+           _L + "post_attention_layernorm.weight"),
+    Weight("layers/block/gate", "w", None, None, SPLIT, 1, ("d_model", "d_ff"), _L + "mlp.gate_proj.weight", True),
+    Weight("layers/block/up", "w", None, None, SPLIT, 1, ("d_model", "d_ff"), _L + "mlp.up_proj.weight", True),
+    Weight("layers/block/down", "w", None, None, SPLIT, 0, ("d_ff", "d_model"), _L + "mlp.down_proj.weight", True),
+    Weight("projection/ln_f", "scale", None, None, REPLICATED, None, ("d_model",), "model.norm.weight"),
+    Weight("projection/lm_head", "w", None, None, SPLIT, 1, ("d_model", "n_vocab"), "lm_head.weight", True,
+           when="untied"),
+)
+
+
+def weights_for(cfg: Any) -> Tuple[Weight, ...]:
+    """The weights a model of this config has: GPT-J's table or the Llama family's (only those present)."""
+    table = LLAMA_WEIGHTS if getattr(cfg, "is_llama", False) else WEIGHTS
+    return tuple(w for w in table if w.present(cfg))

@@ -27,9 +27,9 @@ def load_base_params(cfg: Config, location: str):
     """Base params (host arrays) from a v1 checkpoint folder or an HF GPT-J folder; JaxBackend.base_params places
     them on the mesh leaf by leaf (and makes a random base there when no location is given)."""
     if os.path.exists(os.path.join(location, "config.json")) and not os.path.exists(os.path.join(location, "meta.json")):
-        from mesh_transformer.hf import load_hf_gptj
-        hf_cfg, params = load_hf_gptj(location)
-        for key in ("layers", "d_model", "n_heads", "n_vocab"):
+        from mesh_transformer.hf import load_hf
+        hf_cfg, params = load_hf(location)  # GPT-J or a Llama-family folder
+        for key in ("model_type", "layers", "d_model", "n_heads", "kv_heads", "n_vocab"):
             if getattr(hf_cfg, key) != getattr(cfg, key):
                 raise ValueError(f"HF model at {location} has {key}={getattr(hf_cfg, key)} but the config says "
                                  f"{getattr(cfg, key)}; make the config match the model")
