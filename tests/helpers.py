@@ -57,3 +57,32 @@ def assert_same_first_step(new, ref, new_mu, ref_mu, lr: float) -> None:
         assert loose.mean() <= 1e-3, f"{loose.sum()} of {loose.size} elements differ beyond fp32 rounding"
         assert np.all(np.abs(mu[loose]) <= 1e-3 * np.abs(mu).max()), "a large gradient gave a different update"
     jax.tree.map(check, new, ref, ref_mu)
+
+
+def left_pad(prompts, width: int, prefix_len: int = 0):
+    """Prompts left-padded to `width` as the sampler lays them out: tokens [B, width] int32, valid [B, width] bool,
+    positions [B, width] int32 (counted after a shared prefix of prefix_len tokens; 0 on padding)."""
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+    valid = np.arange(width)[None] >= (width - lengths)[:, None]
+    positions = np.where(valid, prefix_len + np.arange(width)[None] - (width - lengths)[:, None], 0).astype(np.int32)
+    return tokens, valid, positions
+
+
+def hf_greedy(hf_model, rows, n_new: int) -> np.ndarray:
+    """HF `generate`'s greedy continuation [B, n_new] of left-padded rows of token ids (no EOS stop): the oracle the
+    sampler tests compare with."""
+    import torch
+
+    t = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), t), dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = torch.tensor(r)
+        mask[i, t - len(r):] = 1
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new,
+                                min_new_tokens=n_new, pad_token_id=0, eos_token_id=None)
+    return out[:, t:].numpy()

@@ -17,6 +17,8 @@ from mesh_transformer.hf import load_hf, save_hf  # noqa: E402
 from mesh_transformer.model import CausalTransformer  # noqa: E402
 from mesh_transformer.sampling import Sampler, decode_step, prefill  # noqa: E402
 
+from helpers import hf_greedy, left_pad  # noqa: E402
+
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
               max_position_embeddings=128, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
@@ -87,26 +89,13 @@ def test_save_hf_from_pretrained_and_bit_exact_round_trips(family, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, p4, p3)
 
 
-def hf_generate(hf, rows):
-    t = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), t), dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = torch.tensor(r)
-        mask[i, t - len(r):] = 1
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                          pad_token_id=0, eos_token_id=None)
-    return out[:, t:].numpy()
-
-
 def test_greedy_matches_hf_generate_with_and_without_prefix(family):
     name, hf, folder, cfg, params = family
     sampler = Sampler(CausalTransformer(cfg), params)
     plain = sampler.sample(PROMPTS, N_NEW)
-    np.testing.assert_array_equal(plain.tokens, hf_generate(hf, PROMPTS))
+    np.testing.assert_array_equal(plain.tokens, hf_greedy(hf, PROMPTS, N_NEW))
     shared = sampler.sample(PROMPTS, N_NEW, prefix=PREFIX)
-    np.testing.assert_array_equal(shared.tokens, hf_generate(hf, [PREFIX + p for p in PROMPTS]))
+    np.testing.assert_array_equal(shared.tokens, hf_greedy(hf, [PREFIX + p for p in PROMPTS], N_NEW))
 
 
 def test_decode_steps_match_full_forward(family):
@@ -117,12 +106,8 @@ def test_decode_steps_match_full_forward(family):
     prompts = [p[:n] for p, n in zip(PROMPTS, (3, 7, 1, 4))]
     follow = rng.integers(0, 256, (len(prompts), 6)).astype(np.int32)
     p_len, tp, b = len(PREFIX), 8, len(prompts)
-    toks = np.zeros((b, tp), np.int32)
+    toks, valid, positions = left_pad(prompts, tp, p_len)
     plen = np.array([len(p) for p in prompts])
-    for i, p in enumerate(prompts):
-        toks[i, tp - len(p):] = p
-    valid = np.arange(tp)[None] >= (tp - plen)[:, None]
-    positions = np.where(valid, p_len + np.arange(tp)[None] - (tp - plen)[:, None], 0).astype(np.int32)
     pkv, _ = jax.jit(model.prefix_kv)(params, jnp.asarray([PREFIX], jnp.int32))
     assert pkv.k.shape == (cfg.layers, cfg.kv_heads, p_len, cfg.d_head)
     logits, cache = jax.jit(lambda p, t, pos, val, pk: prefill(model, p, t, pos, val, tp + 6, pk))(

@@ -16,6 +16,8 @@ from mesh_transformer.sampling import (Sampler, bucket_length, decode_step, filt
                                        truncate_at_stop)
 from mesh_transformer.sharding import make_mesh
 
+from helpers import hf_greedy, left_pad
+
 CFG = dict(layers=2, d_model=64, n_heads=4, n_vocab=260, seq=128, pe_rotary_dims=8, d_ff=128,
            compute_dtype="float32", tokenizer="byte")
 N_NEW = 8
@@ -66,12 +68,8 @@ def test_decode_steps_match_full_forward(model, params, with_prefix):
     p_len, tp, b = len(prefix), 8, len(prompts)
     slots = tp + follow.shape[1]
 
-    toks = np.zeros((b, tp), np.int32)
+    toks, valid, positions = left_pad(prompts, tp, p_len)
     plen = np.array([len(p) for p in prompts])
-    for i, p in enumerate(prompts):
-        toks[i, tp - len(p):] = p
-    valid = np.arange(tp)[None] >= (tp - plen)[:, None]
-    positions = np.where(valid, p_len + np.arange(tp)[None] - (tp - plen)[:, None], 0).astype(np.int32)
     pkv = None
     if with_prefix:
         pkv, _ = model.prefix_kv(params, jnp.asarray([prefix], jnp.int32))
@@ -115,16 +113,7 @@ def test_greedy_matches_hf_generate(model, params, greedy, tmp_path):
 
     save_hf_gptj(model.config, params, str(tmp_path), eos_token_id=259)
     hf = transformers.GPTJForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
-    t = max(len(p) for p in PROMPTS)
-    ids = torch.zeros((len(PROMPTS), t), dtype=torch.long)
-    mask = torch.zeros((len(PROMPTS), t), dtype=torch.long)
-    for i, p in enumerate(PROMPTS):
-        ids[i, t - len(p):] = torch.tensor(p)
-        mask[i, t - len(p):] = 1
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                          pad_token_id=0, eos_token_id=None)
-    hf_new = out[:, t:].numpy()
+    hf_new = hf_greedy(hf, PROMPTS, N_NEW)
     assert (greedy.lengths == N_NEW).all()
     for i in range(len(PROMPTS)):
         np.testing.assert_array_equal(greedy.tokens[i], hf_new[i], err_msg=f"row {i}")
