@@ -23,14 +23,12 @@ from typing import Any, Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-_started = False
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, auto: bool = False) -> bool:
     """Starts jax.distributed when asked (explicit flags, or auto); returns whether it did. Call it before anything
     touches a JAX device. Raises ValueError naming the flag when the explicit flags are incomplete or inconsistent."""
-    global _started
     explicit = {"--coordinator-address": coordinator_address, "--num-processes": num_processes,
                 "--process-id": process_id}
     given = {k: v for k, v in explicit.items() if v is not None}
@@ -51,7 +49,6 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-    _started = True
     if jax.process_index() != 0:  # one process speaks for the run; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     log.info("jax.distributed: process %d of %d, %d local and %d global devices", jax.process_index(),
