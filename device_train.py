@@ -1,6 +1,7 @@
 """Fine-tune or train a GPT-J on TFRecords, as mesh-transformer-jax's `device_train.py` (same flags and configs).
 
   python device_train.py --config configs/example_config.json --tune-model-path gs://bucket/step_383500/
+  python device_train.py --config my_training_keys.json --hf ./Qwen2.5-0.5B     # an HF Llama/Qwen2/Mistral/GPT-J
 
 Where it starts: from the config's checkpoint folder (gs://{bucket}/{model_dir}, or model_dir as a local path or URL
 when bucket is empty) when that holds a checkpoint - an interrupted run resumes exactly, loader position included;
@@ -38,6 +39,12 @@ def parse_args(argv=None):
                    help="v1 checkpoint folder (local or gs://; a folder holding meta.json, or a step_N folder) to "
                         "fine-tune from when the config's own folder has no checkpoint yet; the LR schedule restarts "
                         "at step 0, as the original")
+    p.add_argument("--hf", default=None,
+                   help="Hugging Face folder (config.json + safetensors) of a GPTJ, Llama, Qwen2 or "
+                        "MistralForCausalLM to fine-tune: the model's keys (family, shapes, rope, dtype) come from its "
+                        "config.json, every other key from --config, and the folder is the starting point (as "
+                        "--tune-model-path, with a fresh Adam state). A Llama-family run checkpoints each step as an "
+                        "HF folder (model_dir/step_N/, loadable by from_pretrained) plus optimizer.safetensors")
     p.add_argument("--fresh-opt", action="store_true", default=False,
                    help="with --tune-model-path: start with a fresh Adam state instead of the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="random seed of a from-scratch initialisation (default: 0)")
@@ -57,6 +64,8 @@ def parse_args(argv=None):
     from mesh_transformer import wandb_log
     wandb_log.add_flags(p)
     args = p.parse_args(argv)
+    if args.hf and args.tune_model_path:
+        p.error("give --hf or --tune-model-path, not both: --hf is the starting point")
     from mesh_transformer import flag_checks as fc
     fc.check(args, {"--total-steps": fc.at_least(0)}, "device_train.py")
     return args
@@ -65,7 +74,12 @@ def parse_args(argv=None):
 def run(args, argv=None):
     """Trains as the parsed flags say; returns the final TrainState (global arrays in a multi-process run)."""
     from mesh_transformer.config import load_config
-    cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
+    if args.hf:  # the model from the folder, the training keys from --config
+        from mesh_transformer.loading import hf_config
+        cfg = hf_config(args.hf, args.config)
+        args.tune_model_path, args.fresh_opt = args.hf, True
+    else:
+        cfg = load_config(args.config)  # before the heavy imports: a bad config fails at once
     setup_compile_cache(args.compile_cache)
     from mesh_transformer import distributed
     distributed.initialize_from_args(args)  # before anything touches a device; nothing happens without the flags

@@ -14,6 +14,8 @@ Commit protocol (a crash never leaves meta.json naming an incomplete step):
      GCS makes atomic) - only now does step N exist for readers;
   4. old steps beyond `keep_n` (except multiples of `keep_every`) are removed; meta.json first stops naming them
      (and lists them under "deleting" until their files are gone, so a crash mid-delete is finished later).
+The Llama family (model_type llama / qwen2 / mistral) has no v1 layout: its step_N folders are HF folders (config.json,
+model.safetensors, optimizer.safetensors; hf_checkpoint.py), under the same meta.json and the same protocol.
 A step_N folder that meta.json does not name is ignored by readers; the next save removes it if N is newer than every
 named step (the leftover of a crashed save). Folders without any meta.json (e.g. released weights) are never
 removed, except the folder of the very step being written.
@@ -337,10 +339,12 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
     Test hook: STAR_TEST_CRASH_AT_STEP=N in the environment SIGKILLs the process half-way through writing step N.
     """
     step = int(step)
-    shards = int(shards or cfg.cores_per_replica)
-    _check_divisible(cfg, shards)
+    hf_format = cfg.is_llama  # the Llama family's steps are HF folders (hf_checkpoint.py); shards do not apply
+    shards = 1 if hf_format else int(shards or cfg.cores_per_replica)
     params, opt_state = _split_state(state)
-    _check_params(params, cfg)
+    if not hf_format:
+        _check_divisible(cfg, shards)
+        _check_params(params, cfg)
     with_opt = opt_state is not None and not slim
     if with_opt:
         adam_count, mu, nu, sched_count = _adam_parts(opt_state)
@@ -349,6 +353,10 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
     keep_n = cfg.keep_n if keep_n is None else keep_n
     keep_every = (cfg.keep_every or None) if keep_every is None else keep_every
     mesh = _spanning_mesh(params)  # None: every array is in this process (one process, or host arrays)
+    if mesh is not None and hf_format:
+        raise CheckpointError(f"a {cfg.model_type} checkpoint step is an HF folder whose tensors are whole, which a "
+                              f"multi-process run cannot write yet (no host holds every leaf whole); train this "
+                              f"model in one process (one host, any number of devices)")
     if mesh is not None and mesh.shape["mp"] != shards:
         raise CheckpointError(f"a multi-process checkpoint is written with one shard per mp slice: shards={shards} but "
                               f"the mesh has mp={mesh.shape['mp']}; save with shards={mesh.shape['mp']} (reshard it "
@@ -381,9 +389,17 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
         for s in sorted(stale):
             _rmtree(_join(path, f"step_{s}"))
         for s in range(shards):
-            _makedirs(_join(step_dir, f"shard_{s}"))
+            _makedirs(step_dir if hf_format else _join(step_dir, f"shard_{s}"))
 
     # 2. every file of step N
+    if hf_format:
+        from . import hf_checkpoint
+        t0 = time.time()
+        hf_checkpoint.write_step(step_dir, cfg, params, (adam_count, mu, nu, sched_count) if with_opt else None,
+                                 step, slim, lambda: _crash_hook(step, step_dir))
+        log.info("wrote %s (HF folder%s) in %.1fs", step_dir, " + optimizer" if with_opt else "", time.time() - t0)
+        _commit(path, meta, listed, step, aux, keep_n, keep_every)
+        return
     leaves = L.leaf_list(cfg.layers, with_opt)
     bounds = L.chunk_bounds(len(leaves))
     cast = ml_dtypes.bfloat16 if slim else None
@@ -415,6 +431,14 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
         _write_all_shards(step, step_dir, leaves, bounds, full_leaf, shards)
     log.info("wrote %s (%d shards, %d leaves each) in %.1fs", step_dir, shards, len(leaves), time.time() - t0)
 
+    _commit(path, meta, listed, step, aux, keep_n, keep_every)
+    if mesh is not None:
+        distributed.barrier(f"checkpoint step {step}: committed")
+
+
+def _commit(path: str, meta: dict, listed: List[int], step: int, aux: Optional[dict], keep_n: Optional[int],
+            keep_every: Optional[int]) -> None:
+    """Steps 3 and 4 of the protocol: meta.json names the step, then old steps are removed."""
     # 3. commit
     listed.append(step)
     meta["aux"][str(step)] = aux or {}
@@ -438,8 +462,6 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
             _rmtree(_join(path, f"step_{s}"))
         del meta["deleting"]
         _write_meta(path, meta)
-    if mesh is not None:
-        distributed.barrier(f"checkpoint step {step}: committed")
 
 
 def _crash_hook(step: int, step_dir: str) -> None:
@@ -537,12 +559,14 @@ def _resolve(path: str, step: Optional[int]) -> Tuple[str, int, dict]:
             raise CheckpointError(f"step {step} is not a committed checkpoint of {path} (meta.json lists {listed}); "
                                   f"a step_{step} folder that meta.json does not name may be incomplete")
         return _join(path, f"step_{step}"), step, dict(meta["aux"].get(str(step), {}))
-    if "shard_0" in _list_dirs(path):  # a step folder (e.g. the released step_383500/)
+    from .hf_checkpoint import is_hf_step
+    if "shard_0" in _list_dirs(path) or is_hf_step(path):  # a step folder (e.g. the released step_383500/)
         m = re.search(r"step_(\d+)$", path)
         if step is not None and m and int(m.group(1)) != step:
             raise CheckpointError(f"{path} is the folder of step {m.group(1)}, not {step}")
         return path, (step if step is not None else (int(m.group(1)) if m else -1)), {}
-    if step is not None and "shard_0" in _list_dirs(_join(path, f"step_{step}")):
+    if step is not None and ("shard_0" in _list_dirs(_join(path, f"step_{step}")) or
+                             is_hf_step(_join(path, f"step_{step}"))):
         log.warning("%s has no meta.json; loading step_%d without knowing whether it is complete", path, step)
         return _join(path, f"step_{step}"), step, {}
     raise CheckpointError(f"no checkpoint at {path}: expected {path}/meta.json (a checkpoint folder) or "
@@ -631,7 +655,8 @@ def _opt_state_from(cfg: Config, params: Any, mu: Any, nu: Any, adam_count: Any,
 def load_checkpoint(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
                     forget_bad: bool = False, shardings: Any = None,
                     param_dtype: Any = None) -> Tuple[Any, Optional[Any], int, dict]:
-    """Reads a v1 checkpoint into host numpy arrays in our layout, from any number of shards.
+    """Reads a v1 checkpoint into host numpy arrays in our layout, from any number of shards (a Llama-family config:
+    its HF-folder steps, hf_checkpoint.py; a plain HF folder of that family reads as a params-only step).
 
     path: a checkpoint folder with meta.json (step None: its latest committed step), or a step_N folder itself
     (e.g. the released GPT-J-6B weights). Returns (params, opt_state or None, step, aux); opt_state is None when
@@ -701,6 +726,8 @@ def _layout(step_dir: str, cfg: Config) -> Tuple[int, List[L.Leaf], List[Tuple[i
 def _load_step(path: str, cfg: Config, step: Optional[int] = None, with_opt: bool = True,
                shardings: Any = None, param_dtype: Any = None) -> Tuple[Any, Optional[Any], int, dict]:
     step_dir, step, aux = _resolve(path, step)
+    if cfg.is_llama:
+        return _load_hf_step(step_dir, step, aux, cfg, with_opt, shardings, param_dtype)
     shards, leaves, bounds, has_opt = _layout(step_dir, cfg)
     if shardings is not None and not _is_gcs(step_dir):
         return _load_step_sharded(step_dir, step, aux, cfg, shards, leaves, bounds, with_opt and has_opt,
@@ -761,6 +788,37 @@ def _load_step(path: str, cfg: Config, step: Optional[int] = None, with_opt: boo
     if step < 0:
         step = int(scalars[L.STEP])
     return params, opt_state, step, aux
+
+
+def _load_hf_step(step_dir: str, step: int, aux: dict, cfg: Config, with_opt: bool, shardings: Any,
+                  param_dtype: Any) -> Tuple[Any, Optional[Any], int, dict]:
+    """_load_step for a Llama-family step (an HF folder, hf_checkpoint.py). With shardings the host arrays are
+    placed leaf by leaf, each device taking its slice (jax.make_array_from_callback)."""
+    from . import hf_checkpoint
+    if not hf_checkpoint.is_hf_step(step_dir):
+        raise CheckpointError(f"{step_dir} holds no config.json: the config is a {cfg.model_type} model, whose "
+                              f"checkpoint steps are HF folders; is this a GPT-J checkpoint? (set model_type)")
+    t0 = time.time()
+    params, opt, file_step = hf_checkpoint.read_step(step_dir, cfg, with_opt)
+    log.info("read %s (HF folder%s) in %.1fs", step_dir, " + optimizer" if opt else "", time.time() - t0)
+    if param_dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    opt_state = None
+    if opt is not None:
+        adam_count, mu, nu, sched_count = opt
+        if shardings is not None:
+            _, mu_sh, nu_sh, _ = _adam_parts(shardings.opt_state)
+            mu, nu = _placed(mu, mu_sh), _placed(nu, nu_sh)
+        opt_state = _opt_state_from(cfg, params, mu, nu, adam_count, sched_count)
+    if shardings is not None:
+        params = _placed(params, shardings.params)
+    return params, opt_state, (file_step if step < 0 else step), aux
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+    """Host arrays -> global jax.Arrays in `shardings`, each device given only its slice."""
+    return jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]), tree,
+                        shardings)
 
 
 def _load_step_sharded(step_dir: str, step: int, aux: dict, cfg: Config, shards: int, leaves: List[L.Leaf],

@@ -126,6 +126,18 @@ def _make_loader(cfg: Config, index: str, train: bool, batch: int, ga: int, stat
     return loader
 
 
+def _tuning_start(cfg: Config, options: RunOptions):
+    """(params, opt_state or None) of --tune-model-path: a checkpoint folder or step (v1 for GPT-J, HF steps for the
+    Llama family, whose plain HF folders read the same way), or an HF GPT-J folder (params only)."""
+    from .hf_checkpoint import is_hf_step
+    path = options.tune_model_path
+    if not cfg.is_llama and is_hf_step(path):
+        from .hf import load_hf_gptj
+        return load_hf_gptj(path)[1], None
+    params, opt_state, _, _ = ckpt.load_checkpoint(path, cfg, with_opt=not options.fresh_opt)
+    return params, opt_state
+
+
 def _global_batch(cfg: Config, trainer: Trainer) -> int:
     return cfg.per_replica_batch * trainer.mesh.shape["dp"]
 
@@ -220,7 +232,7 @@ def train(cfg: Config, options: Optional[RunOptions] = None, trainer: Optional[T
         loader_state = (aux or {}).get("train_loader")
         log.info("resuming %s from step %d", ckpt_path, step)
     elif options.tune_model_path:
-        params, opt_state, _, _ = ckpt.load_checkpoint(options.tune_model_path, cfg, with_opt=not options.fresh_opt)
+        params, opt_state = _tuning_start(cfg, options)
         if opt_state is not None and not options.fresh_opt:
             opt_state = restart_schedule(opt_state)
         state = trainer.state_from_params(params, None if options.fresh_opt else opt_state, 0)

@@ -179,18 +179,31 @@ def from_hf_state_dict(cfg: Config, state: Dict[str, np.ndarray]) -> Any:
     return params
 
 
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def index_files(index: dict, where: str) -> list:
+    """The safetensors file names a model.safetensors.index.json names (`where`: its path, for the error)."""
+    try:
+        return sorted(set(index["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); it must be JSON with a \"weight_map\" "
+                         f"object: save the model again") from None
+
+
 def _read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
-    single = os.path.join(hf_dir, "model.safetensors")
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    single = os.path.join(hf_dir, SINGLE)
+    index = os.path.join(hf_dir, INDEX)
     if os.path.exists(single):
         return _load_safetensors(single)
     if os.path.exists(index):
         try:
             with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raw = json.load(f)
+        except ValueError as e:
             raise ValueError(f"{index} is damaged ({type(e).__name__}: {e}); it must be JSON with a \"weight_map\" "
                              f"object: save the model again") from None
+        files = index_files(raw, index)
         state = {}
         for name in files:
             state.update(_load_safetensors(os.path.join(hf_dir, name)))
@@ -281,8 +294,8 @@ def folder_dtype(hf_cfg: dict) -> Optional[str]:
     return value if value in _NP_DTYPES else None
 
 
-def load_hf(hf_dir: str, **config_overrides: Any):
-    """An HF folder of any supported family (GPTJ/Llama/Qwen2/MistralForCausalLM) -> (Config, float32 numpy params).
+def config_from_folder(hf_dir: str, **config_overrides: Any) -> Config:
+    """Our Config of an HF folder of any supported family, from its config.json alone (no weights are read).
 
     The compute dtype follows the folder's dtype (an fp32 folder computes in fp32, a bf16 one in bf16) unless
     `compute_dtype` is overridden; a folder with a tokenizer.json brings its tokenizer (`tokenizer` = the folder)."""
@@ -295,55 +308,68 @@ def load_hf(hf_dir: str, **config_overrides: Any):
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         overrides.setdefault("tokenizer", hf_dir)
     if mt in LLAMA_FAMILY:
-        cfg = config_from_hf_llama(hf_cfg, **overrides)
-    elif mt == "gptj":
-        cfg = config_from_hf(hf_cfg, **overrides)
-    else:
-        raise ConfigError(f"{hf_dir}/config.json has model_type {mt!r}; supported: gptj, {', '.join(LLAMA_FAMILY)}")
+        return config_from_hf_llama(hf_cfg, **overrides)
+    if mt == "gptj":
+        return config_from_hf(hf_cfg, **overrides)
+    raise ConfigError(f"{hf_dir}/config.json has model_type {mt!r}; supported: gptj, {', '.join(LLAMA_FAMILY)}")
+
+
+def load_hf(hf_dir: str, **config_overrides: Any):
+    """An HF folder of any supported family (GPTJ/Llama/Qwen2/MistralForCausalLM) -> (Config, float32 numpy params);
+    the config as config_from_folder makes it."""
+    cfg = config_from_folder(hf_dir, **config_overrides)
     return cfg, from_hf_state_dict(cfg, _read_state_dict(hf_dir))
 
 
-def save_hf(cfg: Config, params: Any, out_dir: str, dtype: str = "float32", max_shard_bytes: Optional[int] = None,
-            eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None) -> None:
-    """Writes an HF folder (`config.json` + safetensors) that `AutoModelForCausalLM.from_pretrained` loads.
-
-    max_shard_bytes: split the weights over model-0000i-of-0000n.safetensors with a model.safetensors.index.json
-    (as save_pretrained's max_shard_size); None: one model.safetensors. Every file is written under a temporary name
-    and renamed, config.json and the index last, so a crash never leaves a folder that reads as complete."""
-    from safetensors.numpy import save_file
-
+def hf_folder(cfg: Config, params: Any, dtype: str = "float32", max_shard_bytes: Optional[int] = None,
+              eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None):
+    """What an HF folder of these params holds: (config.json dict, [(file name, {HF key: array})], index dict or
+    None). One model.safetensors, or with max_shard_bytes the weights split over model-0000i-of-0000n.safetensors
+    and a model.safetensors.index.json (as save_pretrained's max_shard_size). Writers: save_hf (a local folder) and
+    hf_checkpoint (a checkpoint step, local or gs://)."""
     if not cfg.is_llama:
         eos = 50256 if eos_token_id is None else eos_token_id
         config = hf_config_dict(cfg, eos)
     else:
         config = hf_config_dict_llama(cfg, eos_token_id, bos_token_id)
     config["dtype"] = dtype
-    os.makedirs(out_dir, exist_ok=True)
     state = to_hf_state_dict(cfg, params, _NP_DTYPES[dtype])
-    shards = [dict(state)]
-    if max_shard_bytes is not None:
-        shards, size = [{}], 0
-        for key, arr in state.items():
-            if shards[-1] and size + arr.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = arr
-            size += arr.nbytes
-    index_path = os.path.join(out_dir, "model.safetensors.index.json")
-    single = os.path.join(out_dir, "model.safetensors")
-    for stale in (index_path, single):  # the reader would prefer a stale single file to a new index
+    if max_shard_bytes is None:
+        return config, [("model.safetensors", state)], None
+    shards, size = [{}], 0
+    for key, arr in state.items():
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = arr
+        size += arr.nbytes
+    files = [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards)]
+    index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
+             "weight_map": {key: name for name, shard in files for key in shard}}
+    return config, files, index
+
+
+def save_hf(cfg: Config, params: Any, out_dir: str, dtype: str = "float32", max_shard_bytes: Optional[int] = None,
+            eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None) -> None:
+    """Writes an HF folder (`config.json` + safetensors) that `AutoModelForCausalLM.from_pretrained` loads.
+
+    max_shard_bytes: split the weights over several files with an index (hf_folder); None: one model.safetensors.
+    Every file is written under a temporary name and renamed, config.json and the index last, so a crash never
+    leaves a folder that reads as complete."""
+    from safetensors.numpy import save_file
+
+    config, files, index = hf_folder(cfg, params, dtype, max_shard_bytes, eos_token_id, bos_token_id)
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, INDEX)
+    for stale in (index_path, os.path.join(out_dir, SINGLE)):  # the reader would prefer a stale single file
         if os.path.exists(stale):
             os.remove(stale)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if max_shard_bytes is None else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for name, shard in files:
         tmp = os.path.join(out_dir, name + ".tmp")
         save_file(shard, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(out_dir, name))
-        weight_map.update({key: name for key in shard})
-    if max_shard_bytes is not None:
-        _write_json(index_path, {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
-                                 "weight_map": weight_map})
+    if index is not None:
+        _write_json(index_path, index)
     _write_json(os.path.join(out_dir, "config.json"), config)
 
 

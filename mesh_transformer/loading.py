@@ -12,7 +12,9 @@ import os
 import sys
 from typing import Any, NamedTuple, Optional
 
-SHAPE_KEYS = ("layers", "d_model", "n_heads", "n_vocab", "seq", "pe_rotary_dims", "d_ff",
+# the model's keys, which an --hf folder's config.json decides ("seq" is not one: it is the training / sampling length,
+# which a --config may set below the folder's max_position_embeddings)
+SHAPE_KEYS = ("layers", "d_model", "n_heads", "n_vocab", "pe_rotary_dims", "d_ff",
               # the model family's keys also come from the folder's config.json
               "model_type", "n_kv_heads", "rope_theta", "rope_scaling", "rms_norm_eps", "qkv_bias",
               "tie_word_embeddings", "sliding_window")
@@ -38,6 +40,18 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
       help="dtype of the matmuls and KV cache (default: the config's, bfloat16; float32 is faster on CPU)")
 
 
+def hf_config(hf: str, config: Optional[str] = None, **overrides: Any):
+    """The Config of an HF folder: the model's keys from its config.json (SHAPE_KEYS), every other key the --config
+    file sets (not its defaults: the compute dtype follows the folder's) from that file, then `overrides`."""
+    from .config import read_raw_config
+    from .hf import config_from_folder
+
+    extra = {}
+    if config:
+        extra = {k: v for k, v in read_raw_config(config)[0].items() if k not in SHAPE_KEYS}
+    return config_from_folder(hf, **{**extra, **overrides})
+
+
 class Loaded(NamedTuple):
     config: Any  # mesh_transformer.config.Config
     params: Any  # host (numpy) arrays; None: a random init (made on the mesh by the caller, with `seed`)
@@ -50,16 +64,14 @@ def load_model(config: Optional[str] = None, ckpt: Optional[str] = None, ckpt_st
                what: str = "sampling from") -> Loaded:
     """(config, params, tokenizer spec) from `hf`, `ckpt` or the config's checkpoint folder; params None for a random
     init (the caller creates it in its shardings: `Sampler.init_params`)."""
-    from .config import load_config, read_raw_config
+    from .config import load_config
 
     overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
     if hf:
-        from .hf import load_hf
+        from .hf import from_hf_state_dict, _read_state_dict
 
-        extra = {}
-        if config:  # the keys the config file sets (not its defaults: the compute dtype follows the folder's)
-            extra = {k: v for k, v in read_raw_config(config)[0].items() if k not in SHAPE_KEYS}
-        cfg, params = load_hf(hf, **{**extra, **overrides})
+        cfg = hf_config(hf, config, **overrides)
+        params = from_hf_state_dict(cfg, _read_state_dict(hf))
         tok = hf if any(os.path.exists(os.path.join(hf, f)) for f in ("vocab.json", "tokenizer.json")) else None
         print(f"loaded HF {cfg.model_type} from {hf} (compute {cfg.compute_dtype})", file=sys.stderr)
         return Loaded(cfg, params, tok)

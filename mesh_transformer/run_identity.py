@@ -185,24 +185,32 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def step_folders(ckpt_path: str) -> List[int]:
-    """Steps with a step_N/shard_0 folder under ckpt_path."""
+    """Steps with a step_N/shard_0 folder (v1) or a step_N/config.json (an HF step, hf_checkpoint) under ckpt_path."""
     ckpt = _io()
+    from .hf_checkpoint import is_hf_step
     steps = []
     for name in ckpt._list_dirs(ckpt_path):
         m = _STEP_RE.match(name)
-        if m and "shard_0" in ckpt._list_dirs(ckpt._join(ckpt_path, name)):
+        folder = ckpt._join(ckpt_path, name)
+        if m and ("shard_0" in ckpt._list_dirs(folder) or is_hf_step(folder)):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
 
 def complete_steps(ckpt_path: str, cfg: Any) -> List[int]:
-    """Steps whose every shard folder holds all 16 readable npz files with the leaf counts of this config."""
+    """Steps whose every shard folder holds all 16 readable npz files with the leaf counts of this config; an HF step
+    (Llama family) is complete when it reads."""
     from . import mtj_layout as L
+    from . import hf_checkpoint
     ckpt = _io()
     good = []
     for step in step_folders(ckpt_path):
         step_dir = ckpt._join(ckpt_path, f"step_{step}")
         try:
+            if getattr(cfg, "is_llama", False):
+                hf_checkpoint.read_step(step_dir, cfg, with_opt=True)
+                good.append(step)
+                continue
             shards = ckpt._n_shards(step_dir)
             counts = None
             for s in range(shards):
