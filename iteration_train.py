@@ -16,6 +16,8 @@ TFRecords, checkpoint and metrics. Killed at any stage, the same command continu
   python iteration_train.py                                    # the CPU demo
   python iteration_train.py --task commonsenseqa --data-dir ../shared/data/star --config configs/qa_base.json \\
       --base_model_location gs://checkpoint-bucket/step_383500/ --rationalize --exponential_grow --max-steps 7912
+  python iteration_train.py --task gsm8k --data-dir ../shared/data/star --config configs/star_qwen2.5_0.5b.json \\
+      --hf ./Qwen2.5-0.5B                                       # a Llama-family base (README: STaR on a modern model)
 """
 import argparse
 import dataclasses
@@ -51,6 +53,11 @@ def parse_args(argv=None):
     a("--base_model_location", default=None,
       help="base model: a v1 checkpoint folder (local or gs://), an HF GPT-J folder, or 'random' (default per task: "
            "assets/arithmetic_base for arithmetic, gs://checkpoint-bucket/step_383500/ otherwise)")
+    a("--hf", default=None,
+      help="base model: a Hugging Face folder (config.json + safetensors) of a Llama, Qwen2, Mistral or GPT-J model. "
+           "Its config.json gives the model's keys (family, shapes, rope, dtype), --config every other key (seq, "
+           "batch, lr, ...); its tokenizer.json is the tokenizer unless --tokenizer says otherwise. Replaces "
+           "--base_model_location; each iteration's fine-tune is then saved as HF folders (iter_NN/ckpt/step_N/)")
     a("--min_digits", type=int, default=1, help="arithmetic: smallest digit count of the sums")
     a("--max_digits", type=int, default=3, help="arithmetic: largest digit count (the paper used 1-5)")
     a("--n_exemplars", type=int, default=0,
@@ -84,6 +91,10 @@ def parse_args(argv=None):
     preset = dict(presets[args.task])
     if args.exponential_grow and args.steady_grow is None:
         preset["steady_grow"] = False  # an explicit --exponential_grow wins over a task's steady default
+    if args.hf:
+        if args.base_model_location is not None:
+            p.error("give --hf or --base_model_location, not both: --hf is the base model")
+        args.base_model_location = args.hf
     for key in ("config", "base_model_location"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -126,7 +137,11 @@ def main(argv=None):
     from star.experiment_guard import open_experiment
 
     opts = args.options
-    cfg = load_config(args.config)
+    if args.hf:  # the model from the folder, the training keys from --config
+        from mesh_transformer.loading import hf_config
+        cfg = hf_config(args.hf, args.config)
+    else:
+        cfg = load_config(args.config)
     if args.tokenizer:
         cfg = cfg.replace(tokenizer=args.tokenizer)
     cfg = cfg.replace(gradient_accumulation_steps=opts.gradient_accumulation_steps)

@@ -69,5 +69,8 @@ def test_family_config_errors_and_v1_layout_refusal(tmp_path):
     with pytest.raises(ConfigError, match="rope_scaling.*lacks"):
         from_dict(dict(base, model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     model = CausalTransformer(dict(base, model_type="llama", compute_dtype="float32"))
+    from mesh_transformer import mtj_layout
     with pytest.raises(ValueError, match="no mesh-transformer-jax v1 checkpoint layout"):
-        ck.save_checkpoint(str(tmp_path), model.init(jax.random.PRNGKey(0)), 0, model.config)
+        mtj_layout.require_gptj(model.config)
+    ck.save_checkpoint(str(tmp_path), model.init(jax.random.PRNGKey(0)), 0, model.config)  # an HF step instead
+    assert (tmp_path / "step_0" / "config.json").is_file() and not (tmp_path / "step_0" / "shard_0").exists()

@@ -254,6 +254,35 @@ def test_arithmetic_run_fills_the_experiment_folder(arith_ref):
     assert (out / "iter_02" / "rationales.jsonl").read_text() != (out / "iter_01" / "rationales.jsonl").read_text()
 
 
+def test_arithmetic_run_on_a_llama_hf_base(work):
+    """The same 2-iteration run from a tiny random Llama (GQA) in an HF folder: `--hf FOLDER` instead of
+    --base_model_location; the model's keys come from the folder, the rest from --config; every iteration's
+    fine-tune is committed as HF folders that transformers can load; the report and the plot are there."""
+    from helpers import random_params
+    from mesh_transformer.config import load_config
+    from mesh_transformer.hf import save_hf
+    from mesh_transformer.model import CausalTransformer
+
+    folder = work["root"] / "llama_base"
+    cfg = load_config(dict(model_type="llama", layers=2, d_model=64, n_heads=4, n_kv_heads=2, n_vocab=264, d_ff=128,
+                           seq=ARITH_SEQ, tokenizer="byte", compute_dtype="float32"))
+    save_hf(cfg, random_params(CausalTransformer(cfg), seed=0, bias_scale=0.02), str(folder))
+    out = work["root"] / "arith_llama"
+    args = [*ARITH_ARGS, "--config", work["arith_cfg"], "--hf", str(folder), "--tokenizer", "byte", "--out-dir", out]
+    check_ok(run_cli(str(work["driver"]), args, _env(work)))
+    rows = _check_report(out, N_ITERS)
+    model = json.loads((out / "run_config.json").read_text())["model_config"]
+    assert model["model_type"] == "llama" and model["n_kv_heads"] == 2 and model["seq"] == ARITH_SEQ
+    for n in range(1, N_ITERS + 1):
+        row = rows[n]
+        assert row["complete"] and row["steps"] == 4 + 2 * (n - 1) and row["train"]["kept"] >= 1
+        step_dir = out / f"iter_{n:02d}" / "ckpt" / f"step_{row['steps']}"
+        saved = json.loads((step_dir / "config.json").read_text())
+        assert saved["model_type"] == "llama" and saved["num_key_value_heads"] == 2
+        assert (step_dir / "model.safetensors").is_file()
+    assert (out / "iter_02" / "rationales.jsonl").read_text() != (out / "iter_01" / "rationales.jsonl").read_text()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2 + 4. a slice of the real CommonsenseQA; a random model keeps nothing: iterations skipped, run completes
 # --------------------------------------------------------------------------------------------------------------
