@@ -3,6 +3,7 @@ training text of the correct (and rationalized) answers. The standalone form of 
 with ezelikman/STaR's `device_inference.py` flags.
 
   python device_inference.py --config run/iter_01.json --split dev --dataset_mode cqa --data-dir ../shared/data/star
+  python device_inference.py --config configs/star_qwen2.5_0.5b.json --hf ./Qwen2.5-0.5B --split dev --dataset_mode gsm
 
 The answers file is resumed by a rerun, but only by the same checkpoint (path and step), config and flags: they are
 recorded beside it (<out>.identity.json); another checkpoint's answers are refused (--force-new answers anew). One
@@ -37,6 +38,9 @@ def parse_args(argv=None):
                                                             "(default: the config's p_rationalization, else 1)")
     a("--ckpt_step", type=int, default=-1, help="checkpoint step to load; -1: the latest")
     a("--ckpt", default=None, help="checkpoint folder (default: the config's bucket/model_dir)")
+    a("--hf", default=None, help="answer with a Hugging Face folder (config.json + safetensors) of a Llama, Qwen2, "
+                                 "Mistral or GPT-J model instead of a checkpoint: the model's keys come from its "
+                                 "config.json, every other key (seq, target_save, ...) from --config")
     a("--eval_seq", type=int, default=-1, help="context length for generation; -1: the config's seq")
     a("--out", default=None, help="JSONL of every answer (default: <split>_answers.jsonl beside target_save "
                                   "or in the current folder)")
@@ -49,6 +53,8 @@ def parse_args(argv=None):
     add_flags(p, RayOptions)  # --ray-address, --ray-workers, ...: the answers are generated on Ray actors
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
+    if args.hf and args.ckpt:
+        p.error("give --hf or --ckpt, not both")
     try:
         args.ray = ray_options(vars(args), "device_inference.py")
     except ValueError as e:
@@ -86,7 +92,11 @@ def main(argv=None):
     from mesh_transformer.config import load_config
 
     # the destinations first: nothing is loaded before we know the answers can be written, by this process alone
-    cfg_for_paths = load_config(args.config)
+    if args.hf:
+        from mesh_transformer.loading import hf_config
+        cfg_for_paths = hf_config(args.hf, args.config)  # reads the folder's config.json only
+    else:
+        cfg_for_paths = load_config(args.config)
     target_dir = os.path.dirname(cfg_for_paths.target_save) if cfg_for_paths.target_save else "."
     out = args.out or os.path.join(target_dir, f"{args.split}_answers.jsonl")
     out_dir = os.path.dirname(out) or "."
@@ -100,30 +110,36 @@ def main(argv=None):
 
 def _answer(args, out: str, out_dir: str) -> None:
     from mesh_transformer import checkpoint as ckpt
-    from mesh_transformer import run_identity
     from mesh_transformer.config import load_config
     from star.backend import GenerationSettings, JaxBackend
-    from star.rationales import PassOptions, accuracy_by_class, run_pass, summarize, training_text
     from star.tasks import get_task
 
     aliases = {"cqa": "commonsenseqa", "gsm": "gsm8k"}
     # --seed is the train sample's seed (as in iteration_train.py), not the arithmetic task's data seed; only
     # arithmetic takes a seed, and CQA / GSM8K reject one
     task = get_task(aliases.get(args.dataset_mode, args.dataset_mode), data_dir=args.data_dir)
-    cfg = load_config(args.config)
+    if args.hf:
+        from mesh_transformer.loading import hf_config
+        cfg = hf_config(args.hf, args.config)
+    else:
+        cfg = load_config(args.config)
     if args.eval_seq > 0:
         cfg = cfg.replace(seq=args.eval_seq)
-    ckpt_path = args.ckpt or ckpt.checkpoint_dir(cfg)
+    ckpt_path = args.hf or args.ckpt or ckpt.checkpoint_dir(cfg)
     gen = GenerationSettings(batch_size=args.eval_batch_size, seed=args.seed)
     step = None if args.ckpt_step < 0 else args.ckpt_step
     if args.ray.ray_workers:  # each Ray worker reads the checkpoint itself; this process never holds it
         from star.ray_generation import RayBackend, shutdown
         backend = RayBackend(cfg, None, gen, args.ray, compile_cache=args.compile_cache_folder)
         try:
-            params, loaded_step = backend.remote_checkpoint(ckpt_path, step)
+            params, loaded_step = (backend.remote_base(args.hf) if args.hf else
+                                   backend.remote_checkpoint(ckpt_path, step))
         except BaseException:
             shutdown(backend)
             raise
+    elif args.hf:
+        backend = JaxBackend(cfg, args.hf, gen)
+        params, loaded_step = backend.base_params(), -1
     else:
         backend = JaxBackend(cfg, None, gen)
         params, _, loaded_step, _ = ckpt.load_checkpoint(ckpt_path, cfg, step=step, with_opt=False)

@@ -257,6 +257,12 @@ class RayBackend(JaxBackend):
         step = self.pool().load(("ckpt", _abs(ckpt_dir), step))
         return RemoteParams(("ckpt", _abs(ckpt_dir), step)), step
 
+    def remote_base(self, location: str) -> Tuple[RemoteParams, int]:
+        """A base model folder (an HF folder, or a v1 checkpoint) only the workers load; returns (handle, -1)."""
+        source = ("base", _abs(location))
+        self.pool().load(source)
+        return RemoteParams(source), -1
+
     def generate_fn(self, params):
         if isinstance(params, RemoteParams):
             source = params.source

@@ -7,7 +7,8 @@
   rerun with the same command, it reproduces the uninterrupted run exactly (every metrics line, final params and Adam
   state);
 - gradient accumulation 4 x b == one batch of 4b rows for a Llama (GQA, q/k/v bias);
-- a step of another model, or a damaged file, is named with what to do.
+- a step of another model, or a damaged file, is named with what to do;
+- `device_inference.py --hf FOLDER` answers as a checkpoint of the same params does.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cli_helpers import TRAIN_KEYS, check_ok, cli_env, error_line, make_dataset, read_metrics, run_cli  # noqa: E402
+from cli_helpers import TRAIN_KEYS, check_ok, cli_env, make_dataset, read_metrics, run_cli  # noqa: E402
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402,F401  (pytest fixtures)
 from helpers import adam_mu, assert_same_first_step, random_params  # noqa: E402
 from mesh_transformer import checkpoint as ckpt  # noqa: E402
@@ -225,3 +226,33 @@ def test_llama_grad_accumulation_4xb_equals_1x4b():
         np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, err_msg=key)
     assert np.abs(p1["layers/block/gate"]["w"] - params["layers/block/gate"]["w"]).max() > 1e-4  # it moved
     assert_same_first_step(p4, p1, mu4, mu1, lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device_inference.py --hf: the folder answers as its checkpoint does
+# ---------------------------------------------------------------------------------------------------------------
+def test_device_inference_hf_folder_equals_its_checkpoint(tmp_path):
+    """The same tiny random Llama answers the same arithmetic questions from an HF folder (--hf) and from a
+    checkpoint of the same params (--ckpt); the answers file records which source it came from."""
+    folder = _hf_folder("llama", tmp_path / "hf")
+    config = tmp_path / "train_keys.json"
+    config.write_text(json.dumps(dict(seq=256, tokenizer="byte", compute_dtype="float32", per_replica_batch=4,
+                                      model_dir=str(tmp_path / "unused"))))
+    cfg, params = load_hf(folder, seq=256, tokenizer="byte", compute_dtype="float32")
+    ckpt.save_checkpoint(str(tmp_path / "ckpt"), params, 0, cfg)
+    llama_config = tmp_path / "llama.json"
+    llama_config.write_text(json.dumps(cfg.to_dict()))
+    common = ["--split", "train", "--dataset_mode", "arithmetic", "--n_train_samples", "4", "--gen_length", "12",
+              "--eval_batch_size", "4"]
+    answers = {}
+    for name, source in [("hf", ["--config", str(config), "--hf", str(tmp_path / "hf")]),
+                         ("ckpt", ["--config", str(llama_config), "--ckpt", str(tmp_path / "ckpt")])]:
+        out = tmp_path / f"{name}.jsonl"
+        check_ok(run_cli("device_inference.py", [*source, *common, "--out", str(out)], cli_env(1)))
+        answers[name] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+        identity = json.loads((tmp_path / f"{name}.jsonl.identity.json").read_text())
+        assert str(tmp_path / name) in json.dumps(identity)
+    assert len(answers["hf"]) == 4 and answers["hf"] == answers["ckpt"]
+    assert len(set(answers["hf"])) > 1  # the answers depend on the question: the comparison has teeth
+    proc = run_cli("device_inference.py", ["--config", str(config), "--hf", "x", "--ckpt", "y"], cli_env(1))
+    assert proc.returncode == 2 and "--hf or --ckpt" in proc.stderr
