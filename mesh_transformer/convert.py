@@ -92,14 +92,19 @@ def tokenizer_eos(cfg: Config) -> int:
 def checkpoint_to_hf(in_path: str, cfg: Config, out_dir: str, dtype: str = "fp16", step: Optional[int] = None,
                      eos_token_id: Optional[int] = None) -> int:
     """Writes the params of a v1 checkpoint (a folder with meta.json, or a step_N folder) as an HF GPT-J folder that
-    `GPTJForCausalLM.from_pretrained(out_dir)` loads. Returns the step converted."""
+    `GPTJForCausalLM.from_pretrained(out_dir)` loads (a Llama-family config: its checkpoint as that family's HF
+    folder). Returns the step converted."""
     if "://" in out_dir:
         raise ConvertError(f"--output-path {out_dir}: HF folders are written to a local path; write locally and "
                            f"copy it (e.g. gsutil -m cp -r)")
     params, _, step, _ = ckpt.load_checkpoint(in_path, cfg, step=step, with_opt=False)
     eos = tokenizer_eos(cfg) if eos_token_id is None else eos_token_id
-    hf.save_hf_gptj(cfg, params, out_dir, dtype=dtype_name(dtype), eos_token_id=eos)
-    log.info("wrote %s (GPTJForCausalLM, %s, eos id %d) from step %d", out_dir, dtype_name(dtype), eos, step)
+    if cfg.is_llama:  # its checkpoint steps are HF folders already; this writes one in the dtype asked for
+        hf.save_hf(cfg, params, out_dir, dtype=dtype_name(dtype), eos_token_id=eos)
+    else:
+        hf.save_hf_gptj(cfg, params, out_dir, dtype=dtype_name(dtype), eos_token_id=eos)
+    log.info("wrote %s (%s, %s, eos id %d) from step %d", out_dir, hf._ARCH.get(cfg.model_type, "GPTJForCausalLM"),
+             dtype_name(dtype), eos, step)
     return step
 
 

@@ -114,6 +114,18 @@ def test_slim_step_is_bf16_params_only(family, tmp_path):
     _assert_same(params, jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), state.params))
 
 
+def test_to_hf_weights_writes_the_familys_folder(family, tmp_path):
+    """to_hf_weights.py's conversion of a Llama-family checkpoint: that family's HF folder, the same params."""
+    from mesh_transformer.convert import checkpoint_to_hf
+    name, _, cfg, state = family
+    ckpt.save_checkpoint(str(tmp_path / "ckpt"), state, 2, cfg)
+    assert checkpoint_to_hf(str(tmp_path / "ckpt"), cfg, str(tmp_path / "hf"), dtype="fp32") == 2
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["model_type"] == name and saved["architectures"][0].lower().startswith(name)
+    _, params = load_hf(str(tmp_path / "hf"))
+    _assert_same(params, state.params)
+
+
 def test_round_trip_on_gcs(family, gcs_bucket):  # noqa: F811
     _, _, cfg, state = family
     url = f"gs://{gcs_bucket}/llama_ckpt"
