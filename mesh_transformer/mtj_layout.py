@@ -127,7 +127,8 @@ def require_gptj(cfg: Any) -> None:
     if getattr(cfg, "is_llama", False):
         raise ValueError(f"model_type {cfg.model_type!r} has no mesh-transformer-jax v1 checkpoint layout (it is "
                          f"GPT-J's); save the model as an HF folder (mesh_transformer.hf.save_hf) and load it "
-                         f"with --hf. Its fine-tune checkpoints are HF folders (checkpoint.save_checkpoint, hf_checkpoint.py)")
+                         f"with --hf. Its fine-tune checkpoints are HF folders (checkpoint.save_checkpoint, "
+                         f"hf_checkpoint.py)")
 
 
 def full_shape(rule: ParamRule, cfg: Any) -> Tuple[int, ...]:

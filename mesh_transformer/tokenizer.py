@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 BPE from local files, and a built-in byte tokenizer for tiny models.
+"""Tokenizers: GPT-2 BPE or a model folder's tokenizer.json from local files, and a built-in byte tokenizer for tiny
+models.
 
 GPT-J uses GPT-2's BPE (EOS `<|endoftext|>` = 50256; the model's vocab of 50400 is padding). mesh-transformer-jax
 fetched it with `GPT2TokenizerFast.from_pretrained("gpt2")`, which needs the internet; our machines are often offline
@@ -13,6 +14,10 @@ and otherwise fails with a `TokenizerError` that says how to pass a folder.
 Two traps of transformers 5 this module exists to avoid: `GPT2TokenizerFast(vocab_file=, merges_file=)` silently
 builds an EMPTY vocab (we use `from_pretrained(folder)` and check the result), and the default decode may "clean up"
 spaces before punctuation, which breaks encode -> decode round trips (we turn it off).
+
+A folder holding a `tokenizer.json` (the form Llama 3, Qwen2/2.5 and Mistral folders ship) is loaded with
+`AutoTokenizer.from_pretrained(folder, local_files_only=True)`, so each family's own tokenizer class and special
+tokens apply; a folder with only vocab.json + merges.txt is GPT-2's BPE.
 
 The byte tokenizer (id = UTF-8 byte value, EOS = 256, vocab 257) needs no files, so tests and tiny demo models run
 anywhere. Both satisfy the `Tokenizer` protocol below, which is all other modules rely on.
@@ -32,7 +37,8 @@ ENV_DIR = "STAR_TOKENIZER_DIR"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_GPT2_DIR = REPO_ROOT.parent / "shared" / "data" / "gpt2_tokenizer"
 BPE_FILES = ("vocab.json", "merges.txt")
-HOW_TO_FIX = ("pass a folder holding GPT-2's vocab.json and merges.txt with `--tokenizer /path/to/folder` "
+HOW_TO_FIX = ("pass a folder holding GPT-2's vocab.json and merges.txt, or a model's tokenizer.json, with "
+              "`--tokenizer /path/to/folder` "
               f"(or the config key \"tokenizer\", or ${ENV_DIR}), or use `--tokenizer byte` for the built-in "
               "byte tokenizer")
 
@@ -96,7 +102,8 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A `transformers` fast tokenizer (GPT-2 BPE) behind the `Tokenizer` protocol."""
+    """A `transformers` fast tokenizer (GPT-2 BPE, or a model folder's tokenizer.json) behind the `Tokenizer`
+    protocol."""
 
     def __init__(self, hf_tokenizer, name: str):
         self.hf = hf_tokenizer
@@ -129,6 +136,13 @@ class HFTokenizer:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
+def _folder(folder: pathlib.Path, origin: str) -> "HFTokenizer":
+    """The tokenizer of a folder: its tokenizer.json through AutoTokenizer, else GPT-2's BPE files."""
+    if (folder / "tokenizer.json").is_file():
+        return _load_auto(str(folder.resolve()))
+    return _load_folder(str(_check_folder(folder, origin)))
+
+
 def _check_folder(folder: pathlib.Path, origin: str) -> pathlib.Path:
     """`folder` if it holds vocab.json and merges.txt; otherwise a TokenizerError naming it, what is missing, the fix."""
     if not folder.is_dir():
@@ -153,6 +167,20 @@ def _load_folder(folder: str) -> HFTokenizer:
         raise TokenizerError(f"tokenizer folder {folder} could not be loaded ({type(e).__name__}: {detail}); one of "
                              f"its files (vocab.json, merges.txt, tokenizer.json) is damaged: copy them again from "
                              f"the original tokenizer") from None
+    return HFTokenizer(hf, name=folder)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_auto(folder: str) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # a damaged tokenizer.json / tokenizer_config.json
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TokenizerError(f"tokenizer folder {folder} could not be loaded ({type(e).__name__}: {detail}); its "
+                             f"tokenizer.json or tokenizer_config.json is damaged: copy them again from the model's "
+                             f"folder") from None
     return HFTokenizer(hf, name=folder)
 
 
@@ -195,9 +223,9 @@ def get_tokenizer(spec: Union[str, os.PathLike] = "gpt2") -> Tokenizer:
     if spec == "byte":
         return _BYTE
     if os.path.isdir(spec):
-        return _load_folder(str(_check_folder(pathlib.Path(spec), "given folder")))
+        return _folder(pathlib.Path(spec), "given folder")
     if _looks_like_path(spec):
-        return _load_folder(str(_check_folder(pathlib.Path(spec).expanduser(), "given folder")))
+        return _folder(pathlib.Path(spec).expanduser(), "given folder")
     if spec == "gpt2":
         if os.environ.get(ENV_DIR):  # set explicitly: a bad value is an error, not a reason to look elsewhere
             return _load_folder(str(_check_folder(pathlib.Path(os.environ[ENV_DIR]).expanduser(), f"${ENV_DIR}")))

@@ -86,3 +86,19 @@ def hf_greedy(hf_model, rows, n_new: int) -> np.ndarray:
         out = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new,
                                 min_new_tokens=n_new, pad_token_id=0, eos_token_id=None)
     return out[:, t:].numpy()
+
+
+def write_bpe_tokenizer(folder, texts, vocab_size: int = 400) -> None:
+    """A small byte-level BPE trained on `texts` (the `tokenizers` library), saved as a model folder's tokenizer
+    files (tokenizer.json, tokenizer_config.json) with EOS `<|endoftext|>`, as Qwen2.5's and Llama 3's folders ship
+    theirs: every byte is encodable, so any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(folder))

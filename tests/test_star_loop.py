@@ -255,24 +255,34 @@ def test_arithmetic_run_fills_the_experiment_folder(arith_ref):
 
 
 def test_arithmetic_run_on_a_llama_hf_base(work):
-    """The same 2-iteration run from a tiny random Llama (GQA) in an HF folder: `--hf FOLDER` instead of
-    --base_model_location; the model's keys come from the folder, the rest from --config; every iteration's
-    fine-tune is committed as HF folders that transformers can load; the report and the plot are there."""
-    from helpers import random_params
+    """The same 2-iteration run from a tiny random Llama (GQA) in an HF folder with its own tokenizer.json (a small
+    byte-level BPE): `--hf FOLDER` instead of --base_model_location; the model's keys and tokenizer come from the
+    folder, the training keys from --config; every iteration's fine-tune is committed as HF folders that
+    transformers can load; the report and the plot are there."""
+    from helpers import random_params, write_bpe_tokenizer
     from mesh_transformer.config import load_config
     from mesh_transformer.hf import save_hf
     from mesh_transformer.model import CausalTransformer
+    from star.tasks.arithmetic import scratchpad
 
     folder = work["root"] / "llama_base"
-    cfg = load_config(dict(model_type="llama", layers=2, d_model=64, n_heads=4, n_kv_heads=2, n_vocab=264, d_ff=128,
-                           seq=ARITH_SEQ, tokenizer="byte", compute_dtype="float32"))
+    cfg = load_config(dict(model_type="llama", layers=2, d_model=64, n_heads=4, n_kv_heads=2, n_vocab=512, d_ff=128,
+                           seq=ARITH_SEQ, compute_dtype="float32"))
     save_hf(cfg, random_params(CausalTransformer(cfg), seed=0, bias_scale=0.02), str(folder))
+    pairs = ([(a, b) for a in range(10) for b in range(10)] +
+             [(a, b) for a in range(10, 99, 3) for b in range(10, 99, 7)])
+    write_bpe_tokenizer(folder, [f"Input:\n{a} + {b}\nTarget:\n{scratchpad(a, b)}" for a, b in pairs], vocab_size=400)
+    keys = write_config(work["root"] / "llama_keys.json", **{**TRAIN_KEYS, "seq": ARITH_SEQ})  # + TINY's keys ...
+    raw = json.loads(pathlib.Path(keys).read_text())
+    raw.pop("tokenizer")  # ... but the tokenizer is the folder's
+    pathlib.Path(keys).write_text(json.dumps(raw))
     out = work["root"] / "arith_llama"
-    args = [*ARITH_ARGS, "--config", work["arith_cfg"], "--hf", str(folder), "--tokenizer", "byte", "--out-dir", out]
+    args = [*ARITH_ARGS, "--config", keys, "--hf", str(folder), "--out-dir", out]
     check_ok(run_cli(str(work["driver"]), args, _env(work)))
     rows = _check_report(out, N_ITERS)
     model = json.loads((out / "run_config.json").read_text())["model_config"]
     assert model["model_type"] == "llama" and model["n_kv_heads"] == 2 and model["seq"] == ARITH_SEQ
+    assert model["tokenizer"] == str(folder)
     for n in range(1, N_ITERS + 1):
         row = rows[n]
         assert row["complete"] and row["steps"] == 4 + 2 * (n - 1) and row["train"]["kept"] >= 1

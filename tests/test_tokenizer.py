@@ -90,3 +90,21 @@ def test_unknown_hub_id_offline_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TokenizerError, match="--tokenizer /path/to/folder"):
         get_tokenizer("no-such-org/no-such-tokenizer-xyz")
+
+
+def test_model_folder_with_tokenizer_json_loads_through_auto_tokenizer(tmp_path):
+    """A folder with only tokenizer.json (+ tokenizer_config.json), as Llama 3 / Qwen2.5 / Mistral ship: loaded with
+    AutoTokenizer, EOS from its special tokens, round trips; a damaged tokenizer.json is named."""
+    from helpers import write_bpe_tokenizer
+    texts = ["Input:\n12 + 34\nTarget:\n<scratch>\n1 2 + 3 4 , C: 0\n</scratch>\n4 6"] * 20
+    write_bpe_tokenizer(tmp_path / "tok", texts, vocab_size=300)
+    assert not (tmp_path / "tok" / "vocab.json").exists()
+    tok = get_tokenizer(str(tmp_path / "tok"))
+    assert tok.vocab_size >= 257 and tok.decode([tok.eos_token_id]) == "<|endoftext|>"
+    text = "Input:\n98 + 7\nTarget:\nünïcode ok"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < len(text.encode())  # merges were learned
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        get_tokenizer(str(tmp_path / "bad"))
