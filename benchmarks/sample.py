@@ -9,7 +9,7 @@ GPU, GPT-J-6B shapes with random bf16 weights, prompt 600 + 96 new, batch 1 / 8 
 Every row has prefix-len + prompt-len prompt tokens and exactly `--new` new tokens (EOS ignored on both sides:
 min_new_tokens = max_new_tokens for HF). Only new tokens count: tokens/s = batch * new / wall time of one call,
 prefill included. On CPU both run pinned to `--threads` cores (default 1). Each configuration is run once to compile
-/ warm up, then timed `--repeats` times (best kept). "ours" runs the full prompt; "ours+prefix" (when prefix-len > 0) shares the prefix's keys/values, computed once and
+/ warm up, then `--repeats` rounds call ours and HF in turn (the median of each is kept), so both see the same load. "ours" runs the full prompt; "ours+prefix" (when prefix-len > 0) shares the prefix's keys/values, computed once and
 cached across calls, as STaR's few-shot prompts are. This script imports neither TensorFlow nor Ray.
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--new", type=int, help="new tokens per row (CPU default 32; --gpu 96)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights and compute (CPU default float32; "
                                                                        "--gpu bfloat16)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best kept)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds; each round calls every contender once, in turn; the median is kept")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU only: pin the process to this many cores, torch and XLA alike (default 1: on a shared "
                         "2-core machine torch's OpenMP threads otherwise slow down up to 30x under load; 0 = no pin)")
@@ -101,14 +102,19 @@ def hf_model(cfg, params, how: str, device: str, dtype: str):
     return model
 
 
-def time_best(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    best = float("inf")
+def time_alternating(fns: dict, repeats: int) -> dict:
+    """Median wall time of each callable over `repeats` rounds, one call of each per round in turn (after one
+    untimed warm-up call each), so that a change in the machine's load hits every contender alike."""
+    import statistics
+    for fn in fns.values():
+        fn()  # compile / warm up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -138,7 +144,7 @@ def main(argv=None):
     pinned = f", pinned to {args.threads} core(s)" if args.threads and backend == "cpu" else ""
     print(f"# backend {backend} ({device_name}{pinned}); model layers {args.layers}, d_model {args.d_model}, heads "
           f"{args.heads}, vocab {args.vocab}, {args.dtype}; prompt {args.prefix_len}+{args.prompt_len}, "
-          f"{args.new} new tokens; best of {args.repeats}")
+          f"{args.new} new tokens; median of {args.repeats} alternating rounds")
 
     hf = None
     if not args.skip_hf:
@@ -156,37 +162,34 @@ def main(argv=None):
     for b in args.batch:
         own = rng.integers(0, args.vocab, (b, args.prompt_len))
         full = [prefix + r.tolist() for r in own]
-        res = {}
-        out_ours = None
+        out = {}
 
         def ours():
-            nonlocal out_ours
-            out_ours = sampler.sample(full, args.new)
+            out["ours"] = sampler.sample(full, args.new)
 
-        res["ours"] = time_best(ours, args.repeats)
+        fns = {"ours": ours}
         if args.prefix_len:
-            res["ours+prefix"] = time_best(lambda: sampler.sample(own.tolist(), args.new, prefix=prefix),
-                                           args.repeats)
+            fns["ours+prefix"] = lambda: sampler.sample(own.tolist(), args.new, prefix=prefix)
         match = ""
         if hf is not None:
             import torch
 
             ids = torch.tensor(full, dtype=torch.long, device=hf.device)
             mask = torch.ones_like(ids)
-            out_hf = None
 
             def run_hf():
-                nonlocal out_hf
                 with torch.no_grad():
-                    out_hf = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new,
-                                         min_new_tokens=args.new, pad_token_id=0)
+                    out["hf"] = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new,
+                                            min_new_tokens=args.new, pad_token_id=0)
                 if ids.is_cuda:
                     torch.cuda.synchronize()
 
-            res["hf"] = time_best(run_hf, args.repeats)
-            agree = (out_hf[:, ids.shape[1]:].cpu().numpy() == out_ours.tokens).mean()
+            fns["hf"] = run_hf
+        res = time_alternating(fns, args.repeats)
+        if hf is not None:
+            agree = (out["hf"][:, ids.shape[1]:].cpu().numpy() == out["ours"].tokens).mean()
             match = f"{100 * agree:.0f}%"
-            del out_hf
+            del out["hf"]
             if ids.is_cuda:
                 torch.cuda.empty_cache()
         rows.append((b, res, match))

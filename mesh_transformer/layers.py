@@ -136,9 +136,9 @@ class LayerCache(NamedTuple):
     slots (the new ones included), as gemma's `Attention` and gpt-fast's `KVCache.update` do: the write precedes the
     read in the program, so XLA never has to copy the cache to protect a read from a later in-place write.
     """
-    k: jax.Array  # [L, B, Hkv, S, Dh]
-    v: jax.Array  # [L, B, Hkv, S, Dh]
-    layer: jax.Array  # int32 scalar
+    k: jax.Array  # [L, B, Hkv, S, Dh], or this layer's own [B, Hkv, S, Dh] (layer None)
+    v: jax.Array  # [L, B, Hkv, S, Dh], or [B, Hkv, S, Dh]
+    layer: Optional[jax.Array]  # int32 scalar: this layer's index in the stacked cache; None: k, v are its own
     slot: Any  # int32 scalar (traced while decoding) or a Python int (a prefill at a known slot)
     mask: jax.Array  # [B, 1, T, S'] slots visible to each new token (S' = slot + T for a Python-int slot, else S)
     prefix_k: Optional[jax.Array] = None  # [Hkv, P, Dh]: this layer's shared-prefix keys
@@ -167,12 +167,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.Array, pos
                         causal_mask(token_valid, positions, window))
         return segment_attention(q, [seg]), None, None
     z = jnp.zeros((), jnp.int32)
-    at = (cache.layer, z, z, jnp.asarray(cache.slot, jnp.int32), z)
-    new_k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype), at)
-    new_v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype), at)
     n = read_slots(cache)
-    layer_k = jax.lax.dynamic_index_in_dim(new_k, cache.layer, 0, keepdims=False)[:, :, :n]  # [B, Hkv, S', Dh]
-    layer_v = jax.lax.dynamic_index_in_dim(new_v, cache.layer, 0, keepdims=False)[:, :, :n]
+    k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    if cache.layer is None:  # this layer's own cache arrays [B, Hkv, S, Dh] (per-layer params)
+        at = (z, z, jnp.asarray(cache.slot, jnp.int32), z)
+        new_k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at)
+        new_v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at)
+        layer_k, layer_v = new_k[:, :, :n], new_v[:, :, :n]  # [B, Hkv, S', Dh]
+    else:  # the stacked cache [L, B, Hkv, S, Dh]
+        at = (cache.layer, z, z, jnp.asarray(cache.slot, jnp.int32), z)
+        new_k = jax.lax.dynamic_update_slice(cache.k, k_new[None].astype(cache.k.dtype), at)
+        new_v = jax.lax.dynamic_update_slice(cache.v, v_new[None].astype(cache.v.dtype), at)
+        layer_k = jax.lax.dynamic_index_in_dim(new_k, cache.layer, 0, keepdims=False)[:, :, :n]  # [B, Hkv, S', Dh]
+        layer_v = jax.lax.dynamic_index_in_dim(new_v, cache.layer, 0, keepdims=False)[:, :, :n]
     segments = []
     if cache.prefix_k is not None:
         segments.append(KVSegment(cache.prefix_k, cache.prefix_v, cache.prefix_mask))

@@ -124,12 +124,19 @@ def sampling_usage(sampler, batch: int, prefix: int, prompt: int, new_tokens: in
     b = -(-batch // mesh.shape[DP]) * mesh.shape[DP]
     tp = bucket_length(prompt)
     shapes = jax.eval_shape(sampler.model.init, jax.random.PRNGKey(0))
+    if sampler.per_layer:  # the sampler's own compute copy (Sampler.set_params)
+        shapes = jax.eval_shape(sampler.model.split_layers, shapes)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, sampler.model.compute_dtype, sharding=s),
                           shapes, sampler.param_shardings)
     pre_kv = pre_logits = None
     if prefix:
-        kv = jax.ShapeDtypeStruct((cfg.layers, cfg.kv_heads, prefix, cfg.d_head), sampler.model.compute_dtype,
-                                  sharding=NamedSharding(mesh, P(None, MP, None, None)))
+        dtype = sampler.model.compute_dtype
+        if sampler.per_layer:
+            kv = (jax.ShapeDtypeStruct((cfg.kv_heads, prefix, cfg.d_head), dtype,
+                                       sharding=NamedSharding(mesh, P(MP, None, None))),) * cfg.layers
+        else:
+            kv = jax.ShapeDtypeStruct((cfg.layers, cfg.kv_heads, prefix, cfg.d_head), dtype,
+                                      sharding=NamedSharding(mesh, P(None, MP, None, None)))
         pre_kv = PrefixKV(kv, kv)
         pre_logits = jax.ShapeDtypeStruct((cfg.n_vocab,), jnp.float32, sharding=NamedSharding(mesh, P()))
     rows, rows2d = NamedSharding(mesh, P(DP)), NamedSharding(mesh, P(DP, None))

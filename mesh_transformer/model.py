@@ -4,7 +4,13 @@ for one `jax.jit` over a ('dp','mp') mesh instead of xmap.
 Shape glossary: B batch, T tokens, L layers, S cache slots, P shared-prefix slots, H heads, Dh d_head, V vocab.
 
 Parameters are one Haiku dict. The layers are stacked (`hk.layer_stack`), so every per-layer leaf has a leading
-[L] axis; `scan_layers` only decides whether that stack is run as a loop or unrolled. Leaf names:
+[L] axis; `scan_layers` only decides whether that stack is run as a loop or unrolled.
+
+A second, per-layer form (`split_layers`: leaf `layers/block/q` [L, ...] becomes `layers_0/block/q` ...
+`layers_{L-1}/block/q`, each one layer's array) is what the sampler runs, with a per-layer KV cache (tuples of L
+arrays): XLA's CPU backend copies every slice it takes of a stacked array before a matmul reads it, so a decode step
+over stacked params and a stacked cache spent more time copying each layer's weights and cache out of the stacks
+than multiplying (BENCHMARKS.md). `forward` takes either form; training keeps the stacked one. Leaf names:
   embedding                  w [V, D], b [D]
   layers/block/ln            scale [L, D], offset [L, D]
   layers/block/{q,k,v}       w [L, D, H*Dh]
@@ -34,17 +40,36 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 class KVCache(NamedTuple):
     """Decoding state of a batch, head-major: keys (after rotary) and values of every slot written so far, and which
     slots hold a real token. `forward` writes the new tokens into it inside attention (in place under jit) and
-    returns it. Each (row, kv head) reads its keys contiguously, so no decode step transposes the cache."""
-    k: jax.Array  # [L, B, Hkv, S, Dh]
-    v: jax.Array  # [L, B, Hkv, S, Dh]
+    returns it. Each (row, kv head) reads its keys contiguously, so no decode step transposes the cache.
+    With per-layer params (split_layers), k and v are tuples of L arrays [B, Hkv, S, Dh] instead."""
+    k: Any  # [L, B, Hkv, S, Dh], or a tuple of L [B, Hkv, S, Dh]
+    v: Any  # [L, B, Hkv, S, Dh], or a tuple of L [B, Hkv, S, Dh]
     pos: jax.Array  # [B, S] int32: position of the token in each slot
     valid: jax.Array  # [B, S] bool: slot holds a real token
 
 
 class PrefixKV(NamedTuple):
     """Keys/values of a prompt shared by every row (positions 0..P-1), stored once, not per row."""
-    k: jax.Array  # [L, Hkv, P, Dh]
-    v: jax.Array  # [L, Hkv, P, Dh]
+    k: Any  # [L, Hkv, P, Dh], or (per-layer params) a tuple of L [Hkv, P, Dh]
+    v: Any  # [L, Hkv, P, Dh], or a tuple of L [Hkv, P, Dh]
+
+    @property
+    def length(self) -> int:
+        """P, the prefix's token count."""
+        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
+
+
+STACKED = "layers/"  # module paths of the stacked layer leaves
+
+
+def layer_module(i: int, stacked_path: str) -> str:
+    """The per-layer module path of layer i: layers/block/q -> layers_{i}/block/q."""
+    return f"layers_{i}/{stacked_path[len(STACKED):]}"
+
+
+def is_per_layer(params: Params) -> bool:
+    """Whether params are in split_layers' form."""
+    return any(k.startswith("layers_0/") for k in params)
 
 
 def _remat_policy(name: str):
@@ -63,7 +88,7 @@ class CausalTransformer:
 
     # ----------------------------------------------------------------- Haiku function
     def _forward_fn(self, tokens, positions, token_valid, cache: Optional[KVCache], prefix: Optional[PrefixKV],
-                    slot=0, last_only: bool = False):
+                    slot=0, last_only: bool = False, per_layer: bool = False):
         cfg = self.config
         dtype = _DTYPES[cfg.compute_dtype]
         window = getattr(cfg, "sliding_window", None)
@@ -93,7 +118,7 @@ class CausalTransformer:
             if window is not None:
                 mask = mask & ((positions[:, None, :, None] - pos[:, None, None, :]) < window)
             if prefix is not None:
-                p_pos = jnp.arange(prefix.k.shape[2], dtype=jnp.int32)
+                p_pos = jnp.arange(prefix.length, dtype=jnp.int32)
                 prefix_mask = jnp.ones((1, 1, 1, 1), bool)
                 if window is not None:
                     prefix_mask = (positions[:, None, :, None] - p_pos[None, None, None, :]) < window  # [B,1,T,P]
@@ -109,14 +134,27 @@ class CausalTransformer:
                 x, ck, cv = block(x, positions, token_valid, layer_cache)
             return (x, ck, cv), None
 
-        if cfg.remat != "none":
-            layer = hk.remat(layer, policy=_remat_policy(cfg.remat))
-        stack = hk.layer_stack(cfg.layers, with_per_layer_inputs=True,
-                               unroll=1 if cfg.scan_layers else cfg.layers, name="layers")
-        per_layer = (jnp.arange(cfg.layers, dtype=jnp.int32),) + ((prefix.k, prefix.v) if prefix is not None else ())
-        # the whole cache rides in the carry: each layer writes its slice in place and reads it back
-        carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
-        (x, ck, cv), _ = stack(layer)(carry, *per_layer)
+        if per_layer:  # split_layers' params: layer i's own arrays and its own cache arrays, nothing sliced
+            ck, cv = [], []
+            for i in range(cfg.layers):
+                layer_cache = None
+                if cache is not None:
+                    pk, pv = (prefix.k[i], prefix.v[i]) if prefix is not None else (None, None)
+                    layer_cache = LayerCache(cache.k[i], cache.v[i], None, slot, mask, pk, pv, prefix_mask)
+                with hk.name_scope(f"layers_{i}"), hk.custom_getter(in_compute_dtype):
+                    x, k_i, v_i = self._block(cfg)(x, positions, token_valid, layer_cache)
+                ck.append(k_i)
+                cv.append(v_i)
+            ck, cv = tuple(ck), tuple(cv)
+        else:
+            if cfg.remat != "none":
+                layer = hk.remat(layer, policy=_remat_policy(cfg.remat))
+            stack = hk.layer_stack(cfg.layers, with_per_layer_inputs=True,
+                                   unroll=1 if cfg.scan_layers else cfg.layers, name="layers")
+            inputs = (jnp.arange(cfg.layers, dtype=jnp.int32),) + ((prefix.k, prefix.v) if prefix is not None else ())
+            # the whole cache rides in the carry: each layer writes its slice in place and reads it back
+            carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
+            (x, ck, cv), _ = stack(layer)(carry, *inputs)
         if last_only:  # prefill needs the next-token logits only: skip a [B, T, V] float32 tensor
             x = x[:, -1:]
         with hk.custom_getter(in_compute_dtype):
@@ -166,7 +204,19 @@ class CausalTransformer:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
-        return self._net.apply(params, tokens, positions, token_valid, cache, prefix, slot, last_only)
+        return self._net.apply(params, tokens, positions, token_valid, cache, prefix, slot, last_only,
+                               is_per_layer(params))
+
+    def split_layers(self, params: Params) -> Params:
+        """The per-layer form of stacked params (see the module docstring); other leaves are kept as they are."""
+        out = {}
+        for module, leaves in params.items():
+            if module.startswith(STACKED):
+                for i in range(self.config.layers):
+                    out[layer_module(i, module)] = {name: leaf[i] for name, leaf in leaves.items()}
+            else:
+                out[module] = leaves
+        return out
 
     def logits(self, params: Params, tokens: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] of tokens [B, T]."""
@@ -182,19 +232,28 @@ class CausalTransformer:
         logits = self.logits(params, tokens)  # [B, T, V]
         return masked_lm_loss(logits, targets, loss_mask, self.config.z_loss if z_loss else 0.0)
 
-    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
-        """An empty KVCache [L, B, Hkv, S, Dh]. v starts at -0.0 (equal to 0 in every use): two identical zero
-        buffers are merged by XLA into one, which it then copies once per cache before the first in-place write."""
+    def init_cache(self, batch: int, slots: int, dtype=None, per_layer: bool = False) -> KVCache:
+        """An empty KVCache [L, B, Hkv, S, Dh] (per_layer: tuples of L [B, Hkv, S, Dh], for split_layers' params).
+        v starts at -0.0 (equal to 0 in every use): two identical zero buffers are merged by XLA into one, which it
+        then copies once per cache before the first in-place write."""
         cfg = self.config
         dtype = dtype or _DTYPES[cfg.compute_dtype]
-        shape = (cfg.layers, batch, cfg.kv_heads, slots, cfg.d_head)
-        return KVCache(jnp.zeros(shape, dtype), jnp.full(shape, -0.0, dtype),
-                       jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
+        shape = (batch, cfg.kv_heads, slots, cfg.d_head)
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))
+            v = tuple(jnp.full(shape, -0.0, dtype) for _ in range(cfg.layers))
+        else:
+            k, v = jnp.zeros((cfg.layers,) + shape, dtype), jnp.full((cfg.layers,) + shape, -0.0, dtype)
+        return KVCache(k, v, jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
 
     def prefix_kv(self, params: Params, tokens: jax.Array) -> tuple[PrefixKV, jax.Array]:
-        """(PrefixKV [L, Hkv, P, Dh] of one shared prompt tokens [1, P], float32 logits after it [V])."""
-        cache = self.init_cache(1, tokens.shape[1])
+        """(PrefixKV [L, Hkv, P, Dh] of one shared prompt tokens [1, P] (per-layer params: per-layer tuples),
+        float32 logits after it [V])."""
+        per_layer = is_per_layer(params)
+        cache = self.init_cache(1, tokens.shape[1], per_layer=per_layer)
         logits, cache = self.forward(params, tokens, cache=cache, slot=0, last_only=True)  # [1, 1, V]
+        if per_layer:
+            return PrefixKV(tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v)), logits[0, -1]
         return PrefixKV(cache.k[:, 0], cache.v[:, 0]), logits[0, -1]
 
 

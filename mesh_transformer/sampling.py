@@ -10,9 +10,10 @@ P shared-prefix tokens, V vocabulary, L layers, H heads, Dh d_head.
 Design
   * The KV cache is allocated inside the jitted function and carried by the while loop, so every
     `lax.dynamic_update_slice` into it is in place; nothing crosses the jit boundary but tokens and params.
-    It is head-major (`model.KVCache` [L, B, Hkv, S, Dh]; the prefix [L, Hkv, P, Dh]): attention reads each
-    (row, head)'s keys contiguously ([L, B, S, H, Dh] made XLA transpose the cache every step: 16x slower decode
-    attention on CPU). The model writes each layer's new keys inside attention, before reading them, so the
+    It is head-major (`model.KVCache` [L, B, Hkv, S, Dh]; the prefix [L, Hkv, P, Dh]; with the layers unrolled,
+    the sampler's params, cache and prefix are per layer, tuples of L arrays, see `model.split_layers`): attention
+    reads each (row, head)'s keys contiguously ([L, B, S, H, Dh] made XLA transpose the cache every step: 16x slower
+    decode attention on CPU). The model writes each layer's new keys inside attention, before reading them, so the
     write is in place and needs no ordering trick.
   * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 to 32, multiples of 32 to 256, then
     of 64), so the last prompt token of every row sits at index Tp-1 and compiles stay few. A row's positions
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .model import CausalTransformer, KVCache, PrefixKV
+from .model import CausalTransformer, KVCache, PrefixKV, is_per_layer
 from .sharding import DP, MP, cache_specs, make_mesh, named, param_specs, place, replicate_kv
 
 Array = jax.Array
@@ -108,7 +109,7 @@ def prefill(model: CausalTransformer, params: Any, tokens: Array, positions: Arr
             slots: int, prefix: Optional[PrefixKV] = None):
     """Runs the prompts tokens [B, Tp] (left-padded) and returns (logits of the last slot [B, V], a KVCache of
     `slots` slots holding the prompts' keys/values in slots [0, Tp))."""
-    cache = model.init_cache(tokens.shape[0], slots)
+    cache = model.init_cache(tokens.shape[0], slots, per_layer=is_per_layer(params))
     logits, cache = model.forward(params, tokens, positions, valid, cache, prefix, 0, last_only=True)  # [B, 1, V]
     return logits[:, -1], cache
 
@@ -141,9 +142,10 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
     temperature/top_k/top_p [B]; eos_id scalar (-1: none); stop_mask [V] bool; stop_seqs [n, Ls] (-1: wildcard,
     -3: never matches)."""
     b, tp = tokens.shape
-    n_prefix = 0 if prefix is None else prefix.k.shape[2]  # [L, Hkv, P, Dh]
+    n_prefix = 0 if prefix is None else prefix.length
     slots = tp + max_new - 1  # the last new token's keys are never needed
-    kv_sharding = named(mesh, cache_specs(replicate_kv(model.config, mesh)))
+    kv_sharding = named(mesh, cache_specs(replicate_kv(model.config, mesh),
+                                          model.config.layers if is_per_layer(params) else None))
     row = NamedSharding(mesh, P(DP))
 
     idx = jnp.arange(tp, dtype=jnp.int32)[None, :]
@@ -239,11 +241,23 @@ class Sampler:
         # serves every model of a run (`set_params`) without tracing or compiling again.
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # abstract: nothing allocated
         kv_replicated = replicate_kv(self.config, self.mesh)
-        self.param_shardings = named(self.mesh, param_specs(shapes, kv_replicated))
-        self._cast = jax.jit(model.cast_for_compute, in_shardings=(self.param_shardings,),
+        # The sampler runs its own compute copy of the params: cast to the compute dtype and, with layers unrolled,
+        # split per layer (model.split_layers), with a per-layer KV cache: XLA's CPU backend copies each slice of a
+        # stacked array it feeds to a matmul, which had cost a decode step more than its matmuls.
+        self.per_layer = not self.config.scan_layers
+        self.input_shardings = named(self.mesh, param_specs(shapes, kv_replicated))  # params as given (stacked)
+        compute_shapes = jax.eval_shape(model.split_layers, shapes) if self.per_layer else shapes
+        self.param_shardings = named(self.mesh, param_specs(compute_shapes, kv_replicated))  # of self.params
+        split = model.split_layers if self.per_layer else (lambda p: p)
+        self._cast = jax.jit(lambda p: split(model.cast_for_compute(p)), in_shardings=(self.input_shardings,),
                              out_shardings=self.param_shardings)
         self._generate = jax.jit(functools.partial(_generate_impl, model, self.mesh), static_argnums=(0,))
-        prefix_spec = NamedSharding(self.mesh, P(None, None if kv_replicated else MP, None, None))
+        heads = None if kv_replicated else MP
+        if self.per_layer:
+            one = NamedSharding(self.mesh, P(heads, None, None))  # [Hkv, P, Dh] per layer
+            prefix_spec = (one,) * self.config.layers
+        else:
+            prefix_spec = NamedSharding(self.mesh, P(None, heads, None, None))  # [L, Hkv, P, Dh]
         self._prefix_fn = jax.jit(self._prefix_impl, out_shardings=(PrefixKV(prefix_spec, prefix_spec),
                                                                     NamedSharding(self.mesh, P())))
         self._prefixes: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -256,17 +270,18 @@ class Sampler:
     def set_params(self, params: Any) -> None:
         """Makes `params` (host or device arrays, any layout) the model this sampler runs: placed leaf by leaf on
         their shardings and cast to the compute dtype once, so no step re-casts them. Clears the prefix cache.
-        Device params already in the compute dtype and layout are used as they are, not copied: do not donate
-        them (e.g. to a train step) while this sampler still runs them."""
-        placed = place(params, self.param_shardings)
+        With layers under scan (scan_layers), device params already in the compute dtype and layout are used as they
+        are, not copied: do not donate them (e.g. to a train step) while this sampler still runs them; unrolled,
+        the sampler always holds its own per-layer copy (model.split_layers)."""
+        placed = place(params, self.input_shardings)
         dtype = jnp.dtype(self.model.compute_dtype)
         same = all(x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(placed))
-        self.params = placed if same else self._cast(placed)
+        self.params = placed if same and not self.per_layer else self._cast(placed)
         self._prefixes.clear()
 
     def init_params(self, seed: int = 0) -> None:
         """Runs a freshly initialised model, created on the mesh in its shardings (`model.init` under jit)."""
-        init = jax.jit(self.model.init, out_shardings=self.param_shardings)
+        init = jax.jit(self.model.init, out_shardings=self.input_shardings)
         self.set_params(init(jax.random.PRNGKey(seed)))
 
     def clear_params(self) -> None:

@@ -48,7 +48,7 @@ def make_mesh(cores_per_replica: int, devices: Optional[Sequence[jax.Device]] = 
 
 def is_stacked(module_path: str) -> bool:
     """Per-layer leaves live under the layer stack and carry a leading [L] axis."""
-    return module_path.startswith("layers")
+    return module_path.startswith("layers/")
 
 
 def leaf_spec(module_path: str, name: str, replicate_kv: bool = False) -> P:
@@ -134,9 +134,13 @@ def batch_spec(ndim: int) -> P:
     return P(*([None] * (ndim - 2)), DP, None)
 
 
-def cache_specs(replicate_kv: bool = False) -> Any:
+def cache_specs(replicate_kv: bool = False, per_layer: Optional[int] = None) -> Any:
     """Specs for mesh_transformer.model.KVCache: k/v [L, B, Hkv, S, Dh] rows over dp, kv heads over mp (unless
-    replicated: see replicate_kv)."""
+    replicated: see replicate_kv); per_layer=L: tuples of L [B, Hkv, S, Dh] (model.split_layers' cache)."""
     from .model import KVCache
-    kv = P(None, DP, None if replicate_kv else MP, None, None)
+    heads = None if replicate_kv else MP
+    if per_layer is not None:
+        kv = (P(DP, heads, None, None),) * per_layer
+    else:
+        kv = P(None, DP, heads, None, None)
     return KVCache(kv, kv, P(DP, None), P(DP, None))

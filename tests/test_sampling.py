@@ -167,15 +167,20 @@ def test_mesh_2x4_equals_single_device(model, params, sampler, greedy):
                                   sampler.sample(PROMPTS, N_NEW, **kw).tokens)
 
 
-def test_decode_loop_updates_cache_in_place(sampler):
-    """No copy of the whole KV cache in the compiled sampler: the in-place write must come after every layer's
-    read (XLA copied the cache twice per step before decode_step tied the write to the logits)."""
+@pytest.mark.parametrize("scan", [False, True], ids=["per_layer_cache", "stacked_cache"])
+def test_decode_loop_updates_cache_in_place(model, params, scan):
+    """No copy of the KV cache in the compiled sampler: the in-place write must come after every layer's read (XLA
+    copied the cache twice per step before decode_step tied the write to the logits). Layers unrolled (the
+    default), the cache is one [B, H, S, Dh] array per layer (model.split_layers); under scan, one stacked
+    [L, B, H, S, Dh] array."""
+    sampler = Sampler(CausalTransformer(dict(CFG, scan_layers=True)), params) if scan else Sampler(model, params)
     cfg, b, tp = sampler.config, len(PROMPTS), 16
     args = (jnp.zeros((b, tp), jnp.int32), jnp.ones((b,), jnp.int32), jnp.zeros((b, 2), jnp.uint32), jnp.zeros(b),
             jnp.zeros(b, jnp.int32), jnp.ones(b), np.int32(-1), np.zeros(cfg.n_vocab, bool),
             np.full((4, 4), -3, np.int32))
     hlo = sampler._generate.lower(N_NEW, sampler.params, None, None, *args).compile().as_text()
-    cache = f"f32[{cfg.layers},{b},{cfg.n_heads},{tp + N_NEW - 1},{cfg.d_head}]"
+    layer = f"{b},{cfg.n_heads},{tp + N_NEW - 1},{cfg.d_head}]"
+    cache = f"f32[{cfg.layers},{layer}" if scan else f"f32[{layer}"
     assert cache in hlo
     copies = [line for line in hlo.splitlines() if f"{cache}{{" in line and " copy(" in line]
     assert not copies, copies
