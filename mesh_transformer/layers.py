@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .dense import Dense
+
 NEG_INF = -1e10  # mtj's mask value: large but finite, so a fully masked (padding) row gives no NaN
 
 
@@ -221,18 +223,18 @@ class GPTJBlock(hk.Module):
         inner = h * dh
 
         hidden = layer_norm(x, "ln")  # [B, T, D]
-        q = hk.Linear(inner, with_bias=False, name="q")(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        k = hk.Linear(inner, with_bias=False, name="k")(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        v = hk.Linear(inner, with_bias=False, name="v")(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        q = Dense(inner, with_bias=False, name="q")(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        k = Dense(inner, with_bias=False, name="k")(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        v = Dense(inner, with_bias=False, name="v")(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
         q = apply_rotary(q, positions, self.rotary_dims)
         k = apply_rotary(k, positions, self.rotary_dims)
 
         attn, cache_k, cache_v = attend(q, k, v, token_valid, positions, cache, self.attention_impl)
-        attn_out = hk.Linear(d, with_bias=False, w_init=out_init, name="out")(attn.reshape(b, t, inner))
+        attn_out = Dense(d, with_bias=False, w_init=out_init, name="out")(attn.reshape(b, t, inner))
 
-        ff = hk.Linear(self.d_ff, name="fc_in")(hidden)  # [B, T, F]
+        ff = Dense(self.d_ff, name="fc_in")(hidden)  # [B, T, F]
         ff = jax.nn.gelu(ff, approximate=True)
-        ff_out = hk.Linear(d, w_init=out_init, name="fc_out")(ff)  # [B, T, D]
+        ff_out = Dense(d, w_init=out_init, name="fc_out")(ff)  # [B, T, D]
         return x + attn_out + ff_out, cache_k, cache_v
 
 
@@ -259,5 +261,5 @@ class Projection(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = layer_norm(x, "ln_f")
         d = x.shape[-1]
-        logits = hk.Linear(self.n_vocab, w_init=_trunc(1.0 / math.sqrt(d)), name="lm_head")(x)
+        logits = Dense(self.n_vocab, w_init=_trunc(1.0 / math.sqrt(d)), name="lm_head")(x)
         return logits.astype(jnp.float32)

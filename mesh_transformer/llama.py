@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .dense import Dense
 from .layers import LayerCache, attend
 
 
@@ -86,7 +87,7 @@ class LlamaBlock(hk.Module):
         h, hkv, dh = cfg.n_heads, cfg.kv_heads, cfg.d_head
 
         def linear(n, name, bias=False):
-            return hk.Linear(n, with_bias=bias, w_init=_normal(), name=name)
+            return Dense(n, with_bias=bias, w_init=_normal(), name=name)
 
         hidden = rms_norm(x, cfg.rms_norm_eps, "ln_attn")  # [B, T, D]
         q = linear(h * dh, "q", cfg.qkv_bias)(hidden).reshape(b, t, h, dh)  # [B, T, H, Dh]
@@ -131,5 +132,5 @@ class LlamaProjection(hk.Module):
         x = rms_norm(x, self.cfg.rms_norm_eps, "ln_f")
         if self.cfg.tie_word_embeddings:
             return self.embedding.unembed(x)
-        lm_head = hk.Linear(self.cfg.n_vocab, with_bias=False, w_init=_normal(), name="lm_head")
+        lm_head = Dense(self.cfg.n_vocab, with_bias=False, w_init=_normal(), name="lm_head")
         return lm_head(x).astype(jnp.float32)
