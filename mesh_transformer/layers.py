@@ -37,21 +37,27 @@ def rotary_sincos(positions: jax.Array, rotary_dims: int) -> tuple[jax.Array, ja
 
 
 def rotate_every_two(x: jax.Array) -> jax.Array:
-    """out[2i] = -x[2i+1], out[2i+1] = x[2i] on the last axis."""
-    x1 = x[..., ::2]
-    x2 = x[..., 1::2]
-    return jnp.stack((-x2, x1), axis=-1).reshape(x.shape)
+    """out[2i] = -x[2i+1], out[2i+1] = x[2i] on the last axis: each pair swapped and its first entry negated, by a
+    reshape and a reverse (no strided slices: their copies and their gradients' pads cost more than the rotation)."""
+    pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))  # [..., Dh/2, 2]
+    return (pairs[..., ::-1] * jnp.asarray([-1, 1], x.dtype)).reshape(x.shape)
 
 
 def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dims: int) -> jax.Array:
-    """Rotates the first `rotary_dims` of each head of x [B, T, H, Dh] by its token position [B, T]."""
+    """Rotates the first `rotary_dims` of each head of x [B, T, H, Dh] by its token position [B, T], in float32.
+
+    The dims past rotary_dims rotate by angle 0 (cos 1, sin 0), which leaves them exactly as they are: one
+    elementwise expression over the whole head instead of a slice, a rotation and a concatenation."""
     if rotary_dims == 0:
         return x
+    dh = x.shape[-1]
     sin, cos = rotary_sincos(positions, rotary_dims)  # [B, T, R]
-    sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # [B, T, 1, R]
-    x_rot, x_pass = x[..., :rotary_dims], x[..., rotary_dims:]
-    x_rot = (x_rot.astype(jnp.float32) * cos + rotate_every_two(x_rot.astype(jnp.float32)) * sin).astype(x.dtype)
-    return jnp.concatenate([x_rot, x_pass], axis=-1)
+    if rotary_dims < dh:
+        pad = ((0, 0), (0, 0), (0, dh - rotary_dims))
+        sin, cos = jnp.pad(sin, pad), jnp.pad(cos, pad, constant_values=1.0)  # [B, T, Dh]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # [B, T, 1, Dh]
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotate_every_two(xf) * sin).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
