@@ -37,7 +37,7 @@ HEADER = ("| impl | device | layers x d_model, seq, batch | attention | remat | 
 
 
 CPU_DEFAULTS = dict(layers=4, d_model=128, heads=4, vocab=264, rotary=16, seq=256, batch=16, dtype="float32",
-                    attention="xla", remat="none", scan=False)
+                    attention="auto", remat="none", scan=False)
 GPU_DEFAULTS = dict(layers=24, d_model=2048, heads=8, vocab=50400, rotary=64, seq=2048, batch=8, dtype="bfloat16",
                     attention="cudnn", remat="dots", scan=True)
 
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype; params stay float32 (CPU default float32; --gpu bfloat16)")
     p.add_argument("--attention", choices=("xla", "blocked", "cudnn", "auto"),
-                   help="ours: attention_impl (CPU xla; --gpu cudnn)")
+                   help="ours: attention_impl (CPU auto, the config's default: blocked on CPU; --gpu cudnn)")
     p.add_argument("--block-size", type=int, default=64, help="ours: attention_block_size of blocked attention")
     p.add_argument("--compare", action="store_true",
                    help="time ours with each --compare-attention and HF alternately in this one process")
@@ -172,6 +172,15 @@ def time_hf(args, cfg):
     return elapsed / args.steps, peak, name
 
 
+def attention_label(args, attention: str) -> str:
+    """The attention column: the implementation that ran ("auto" resolved), with the block size when blocked."""
+    from mesh_transformer.layers import resolve_attention_impl
+
+    impl = resolve_attention_impl(attention)
+    label = impl + (f" {args.block_size}" if impl == "blocked" else "")
+    return f"auto: {label}" if attention == "auto" else label
+
+
 def row(args, cfg, impl, device, attention, step_s, peak, peak_flops) -> str:
     from mesh_transformer.train import flops_per_token
 
@@ -204,7 +213,7 @@ def compare(args) -> None:
     device = jax.devices()[0].device_kind
     for att, cfg in cfgs.items():
         print(row(args, cfg, "ours" + (" (scan)" if args.scan else ""), device,
-                  att + (f" {args.block_size}" if att == "blocked" else ""), statistics.median(times[att]), None,
+                  attention_label(args, att), statistics.median(times[att]), None,
                   device_peak_flops()))
     hf_peak = 989e12 if "H100" in hf_device or "H200" in hf_device else None
     print(row(args, cfgs[args.compare_attention[0]], "HF GPTJForCausalLM", hf_device, "eager",
@@ -226,7 +235,7 @@ def main(argv=None):
     step_s, peak, device = (time_hf if args.hf else time_ours)(args, cfg)
     peak_flops = device_peak_flops() if not args.hf else (989e12 if "H100" in device or "H200" in device else None)
     impl = "HF GPTJForCausalLM" if args.hf else "ours" + (" (scan)" if args.scan else "")
-    attention = "eager" if args.hf else args.attention + (f" {args.block_size}" if args.attention == "blocked" else "")
+    attention = "eager" if args.hf else attention_label(args, args.attention)
     print(HEADER)
     print(row(args, cfg, impl, device, attention, step_s, peak, peak_flops), flush=True)
     assert "tensorflow" not in sys.modules and "ray" not in sys.modules
