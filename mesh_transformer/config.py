@@ -65,7 +65,7 @@ class Config:
     compute_dtype: str = "bfloat16"  # dtype of matmuls; params stay float32 unless early_cast
     # attention without a KV cache (training, full forward): "xla" the whole causal square; "blocked" query blocks
     # over the keys on and below the diagonal (attention.py); "cudnn" NVIDIA GPUs; "auto" (default) blocked on CPU,
-    # where it measured 1.3x the xla training step at the demo's shape (BENCHMARKS.md "Training"), xla elsewhere.
+    # where it measured 1.26-1.29x the xla training step at the demo's shape (BENCHMARKS.md "Training"), xla elsewhere.
     # Same results to fp32 rounding either way; cached decoding always runs the xla core.
     attention_impl: str = "auto"
     attention_block_size: int = 64  # query rows per block of attention_impl "blocked" (and "auto" on CPU)
