@@ -11,6 +11,7 @@ from mesh_transformer.attention import blocked_attention
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.layers import KVSegment, causal_mask, resolve_attention_impl, segment_attention
 from mesh_transformer.model import CausalTransformer, masked_lm_loss
+from mesh_transformer.run_identity import config_fields
 
 from helpers import left_pad, random_params
 
@@ -102,7 +103,7 @@ def test_blocked_core_equals_segment_attention_with_a_fully_masked_row():
             _assert_close(a, r, 1e-4)
 
 
-def test_auto_is_blocked_on_cpu_and_block_size_is_validated():
+def test_auto_is_blocked_on_cpu_block_size_is_validated_and_neither_is_in_run_identity():
     assert jax.default_backend() == "cpu" and resolve_attention_impl("auto") == "blocked"
     assert resolve_attention_impl("xla") == "xla"
     assert load_config(GPTJ).attention_block_size == 64
@@ -110,3 +111,5 @@ def test_auto_is_blocked_on_cpu_and_block_size_is_validated():
         load_config(dict(GPTJ, attention_block_size=0))
     with pytest.raises(ConfigError, match="attention_impl"):
         load_config(dict(GPTJ, attention_impl="flash"))
+    # the same math to fp32 rounding: a run folder resumes across implementations (as across remat policies)
+    assert not {"attention_impl", "attention_block_size"} & set(config_fields(load_config(GPTJ)))
