@@ -4,13 +4,18 @@ CPU default (the demo's shape, configs/star_arithmetic_tiny.json: 4 layers, d_mo
 pinned to one core; ~20 s each):
     python benchmarks/train.py
     python benchmarks/train.py --hf
+    python benchmarks/train.py --attention blocked
+    python benchmarks/train.py --compare          # ours (xla), ours (blocked), HF alternately, median of 5 rounds
 GPU, the 1.4B GPT-J shape of ../shared/anchors/gpu.md (24 layers, d_model 2048, 8 heads, seq 2048, batch 8,
 fp32 master weights, bf16 compute):
     python benchmarks/train.py --gpu                                  # cuDNN attention, remat "dots", scanned layers
     python benchmarks/train.py --gpu --attention xla --remat none     # other settings of the same config keys
     python benchmarks/train.py --gpu --hf                             # HF: bf16 autocast, fused AdamW, eager attention
 
-One process measures one setting (peak memory is per process). Steps are timed after `--warmup` untimed ones
+One process measures one setting (peak memory is per process), except `--compare`, which builds ours with each
+attention in --compare-attention and HF in one process and times them alternately, round after round (`--rounds`
+of `--steps` steps each), printing each one's median round: on a shared machine a slow spell then hits every
+setting alike. Its peak-memory column is "-". Steps are timed after `--warmup` untimed ones
 (compilation); tokens/s = batch * seq * steps / wall time. MFU = (6N + 12 L d T) * tokens/s / peak, the formula of
 `mesh_transformer.train.flops_per_token` and of the anchors (peak 989 TFLOP/s bf16 dense on an H100/H200). Prints one
 markdown table row. Imports neither TensorFlow nor Ray.
@@ -32,7 +37,7 @@ HEADER = ("| impl | device | layers x d_model, seq, batch | attention | remat | 
 
 
 CPU_DEFAULTS = dict(layers=4, d_model=128, heads=4, vocab=264, rotary=16, seq=256, batch=16, dtype="float32",
-                    attention="xla", remat="none", scan=False)
+                    attention="auto", remat="none", scan=False)
 GPU_DEFAULTS = dict(layers=24, d_model=2048, heads=8, vocab=50400, rotary=64, seq=2048, batch=8, dtype="bfloat16",
                     attention="cudnn", remat="dots", scan=True)
 
@@ -47,7 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="sequences per step (CPU default 16; --gpu 8)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype; params stay float32 (CPU default float32; --gpu bfloat16)")
-    p.add_argument("--attention", choices=("xla", "cudnn"), help="ours: attention_impl (CPU xla; --gpu cudnn)")
+    p.add_argument("--attention", choices=("xla", "blocked", "cudnn", "auto"),
+                   help="ours: attention_impl (CPU auto, the config's default: blocked on CPU; --gpu cudnn)")
+    p.add_argument("--block-size", type=int, default=64, help="ours: attention_block_size of blocked attention")
+    p.add_argument("--compare", action="store_true",
+                   help="time ours with each --compare-attention and HF alternately in this one process")
+    p.add_argument("--compare-attention", nargs="+", default=["xla", "blocked"],
+                   choices=("xla", "blocked", "cudnn", "auto"), help="ours' attention_impl values for --compare")
+    p.add_argument("--rounds", type=int, default=5, help="--compare: rounds (each times --steps steps of each)")
     p.add_argument("--remat", choices=("none", "full", "dots"), help="ours: remat policy (CPU none; --gpu dots); "
                                                                      "HF: any value but none turns on "
                                                                      "gradient checkpointing")
@@ -64,18 +76,19 @@ def parse_args(argv=None):
     return args
 
 
-def config(args):
+def config(args, attention=None):
     from mesh_transformer.config import load_config
 
     return load_config(dict(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab,
                             seq=args.seq, pe_rotary_dims=args.rotary, per_replica_batch=args.batch,
-                            compute_dtype=args.dtype, attention_impl=args.attention, remat=args.remat,
+                            compute_dtype=args.dtype, attention_impl=attention or args.attention,
+                            attention_block_size=args.block_size, remat=args.remat,
                             scan_layers=args.scan, warmup_steps=10, anneal_steps=1000, lr=1e-4,
                             end_lr=1e-5, weight_decay=0.1))
 
 
-def time_ours(args, cfg):
-    """(seconds per step, peak bytes or None, device name)."""
+def ours_runner(args, cfg):
+    """A function of n that runs n training steps and returns their wall seconds (after --warmup steps)."""
     import jax
     import numpy as np
 
@@ -83,23 +96,35 @@ def time_ours(args, cfg):
     from mesh_transformer.train import Trainer
 
     trainer = Trainer(cfg, make_mesh(1, jax.devices()[:1]))
-    state = trainer.init_state(jax.random.PRNGKey(0))
+    box = [trainer.init_state(jax.random.PRNGKey(0))]
     tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (1, args.batch, args.seq + 1))
     batch = {"tokens": jax.device_put(tokens, trainer.batch_sharding(3))}
-    for _ in range(args.warmup):
-        state, metrics = trainer.train_step(state, batch)
-    float(metrics["loss"])
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = trainer.train_step(state, batch)
-    loss = float(metrics["loss"])  # waits for the last step, hence for all of them
-    elapsed = time.perf_counter() - t0
-    assert np.isfinite(loss), f"loss is {loss}"
+
+    def run(n):
+        if n == 0:
+            return 0.0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            box[0], metrics = trainer.train_step(box[0], batch)
+        loss = float(metrics["loss"])  # waits for the last step, hence for all of them
+        assert np.isfinite(loss), f"loss is {loss}"
+        return time.perf_counter() - t0
+
+    run(args.warmup)
+    return run
+
+
+def time_ours(args, cfg):
+    """(seconds per step, peak bytes or None, device name)."""
+    import jax
+
+    elapsed = ours_runner(args, cfg)(args.steps)
     stats = jax.devices()[0].memory_stats() or {}
     return elapsed / args.steps, stats.get("peak_bytes_in_use"), jax.devices()[0].device_kind
 
 
-def time_hf(args, cfg):
+def hf_runner(args, cfg):
+    """(a function of n that runs n HF training steps and returns their wall seconds, device name)."""
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -123,18 +148,76 @@ def time_hf(args, cfg):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss = float(loss)
-    elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    def run(n):
+        if n == 0:
+            return 0.0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = step()
+        float(loss.detach())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(args.warmup)
+    return run, (torch.cuda.get_device_name() if device == "cuda" else "cpu")
+
+
+def time_hf(args, cfg):
+    import torch
+
+    run, name = hf_runner(args, cfg)
+    elapsed = run(args.steps)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return elapsed / args.steps, peak, name
+
+
+def attention_label(args, attention: str) -> str:
+    """The attention column: the implementation that ran ("auto" resolved), with the block size when blocked."""
+    from mesh_transformer.layers import resolve_attention_impl
+
+    impl = resolve_attention_impl(attention)
+    label = impl + (f" {args.block_size}" if impl == "blocked" else "")
+    return f"auto: {label}" if attention == "auto" else label
+
+
+def row(args, cfg, impl, device, attention, step_s, peak, peak_flops) -> str:
+    from mesh_transformer.train import flops_per_token
+
+    tps = args.batch * args.seq / step_s
+    mfu = f"{100 * flops_per_token(cfg, args.seq) * tps / peak_flops:.1f}%" if peak_flops else "-"
+    mem = f"{peak / 2**30:.1f}" if peak else "-"
+    return (f"| {impl} | {device} | {args.layers} x {args.d_model}, {args.seq}, {args.batch} | {attention} | "
+            f"{args.remat} | {tps:,.0f} | {step_s:.3f} | {mfu} | {mem} |")
+
+
+def compare(args) -> None:
+    """Ours with each --compare-attention, then HF, alternately for --rounds rounds; one row each (median round)."""
+    import statistics
+
+    import jax
+
+    from mesh_transformer.train import device_peak_flops
+
+    cfgs = {att: config(args, att) for att in args.compare_attention}
+    runners = {att: ours_runner(args, cfg) for att, cfg in cfgs.items()}
+    hf_run, hf_device = hf_runner(args, cfgs[args.compare_attention[0]])
+    runners["hf"] = hf_run
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            times[name].append(run(args.steps) / args.steps)
+    print(f"alternating, {args.rounds} rounds x {args.steps} steps, median round; "
+          f"{args.threads or 'all'} core(s)")
+    print(HEADER)
+    device = jax.devices()[0].device_kind
+    for att, cfg in cfgs.items():
+        print(row(args, cfg, "ours" + (" (scan)" if args.scan else ""), device,
+                  attention_label(args, att), statistics.median(times[att]), None,
+                  device_peak_flops()))
+    hf_peak = 989e12 if "H100" in hf_device or "H200" in hf_device else None
+    print(row(args, cfgs[args.compare_attention[0]], "HF GPTJForCausalLM", hf_device, "eager",
+              statistics.median(times["hf"]), None, hf_peak), flush=True)
 
 
 def main(argv=None):
@@ -142,19 +225,19 @@ def main(argv=None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.threads:  # before jax / torch start their thread pools
         pin_cpu_threads(args.threads)
+    if args.compare:
+        compare(args)
+        assert "tensorflow" not in sys.modules and "ray" not in sys.modules
+        return
     cfg = config(args)
-    from mesh_transformer.train import device_peak_flops, flops_per_token
+    from mesh_transformer.train import device_peak_flops
 
     step_s, peak, device = (time_hf if args.hf else time_ours)(args, cfg)
-    tps = args.batch * args.seq / step_s
     peak_flops = device_peak_flops() if not args.hf else (989e12 if "H100" in device or "H200" in device else None)
-    mfu = f"{100 * flops_per_token(cfg, args.seq) * tps / peak_flops:.1f}%" if peak_flops else "-"
-    mem = f"{peak / 2**30:.1f}" if peak else "-"
     impl = "HF GPTJForCausalLM" if args.hf else "ours" + (" (scan)" if args.scan else "")
-    attention = "eager" if args.hf else args.attention
+    attention = "eager" if args.hf else attention_label(args, args.attention)
     print(HEADER)
-    print(f"| {impl} | {device} | {args.layers} x {args.d_model}, {args.seq}, {args.batch} | {attention} | "
-          f"{args.remat} | {tps:,.0f} | {step_s:.3f} | {mfu} | {mem} |", flush=True)
+    print(row(args, cfg, impl, device, attention, step_s, peak, peak_flops), flush=True)
     assert "tensorflow" not in sys.modules and "ray" not in sys.modules
 
 

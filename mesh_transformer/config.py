@@ -63,7 +63,12 @@ class Config:
     # --- our additions; defaults reproduce the original ---
     d_ff: Optional[int] = None  # None: 4 * d_model, as GPT-J
     compute_dtype: str = "bfloat16"  # dtype of matmuls; params stay float32 unless early_cast
-    attention_impl: str = "xla"  # "xla" everywhere; "cudnn" on NVIDIA GPUs
+    # attention without a KV cache (training, full forward): "xla" the whole causal square; "blocked" query blocks
+    # over the keys on and below the diagonal (attention.py); "cudnn" NVIDIA GPUs; "auto" (default) blocked on CPU,
+    # where it measured 1.26-1.29x the xla training step at the demo's shape (BENCHMARKS.md "Training"), xla elsewhere.
+    # Same results to fp32 rounding either way; cached decoding always runs the xla core.
+    attention_impl: str = "auto"
+    attention_block_size: int = 64  # query rows per block of attention_impl "blocked" (and "auto" on CPU)
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
     scan_layers: bool = False  # lax.scan over layers (faster compiles for deep models)
     loss_mask: str = "completion"  # "completion": honour the records' loss_mask feature; "none": every token
@@ -151,7 +156,7 @@ _CHOICES = {
     "norm": ("layernorm",),
     "pe": ("rotary",),
     "compute_dtype": ("bfloat16", "float32", "float16"),
-    "attention_impl": ("xla", "cudnn"),
+    "attention_impl": ("xla", "blocked", "cudnn", "auto"),
     "remat": ("none", "full", "dots"),
     "loss_mask": ("completion", "none"),
     "adam_dtype": ("params", "bfloat16"),
@@ -193,7 +198,7 @@ _TYPES = {
     "warmup_steps": (_INT, 0, False), "anneal_steps": (_INT, 1, False), "total_steps": (_INT, 0, False),
     "tpu_size": (_INT, 1, False), "val_batches": (_INT, 0, False), "val_every": (_INT, 0, False),
     "ckpt_every": (_INT, 0, False), "keep_every": (_INT, 0, False), "keep_n": (_INT, 0, True),
-    "d_ff": (_INT, 1, True), "n_kv_heads": (_INT, 1, True), "sliding_window": (_INT, 1, True),
+    "d_ff": (_INT, 1, True), "attention_block_size": (_INT, 1, False), "n_kv_heads": (_INT, 1, True), "sliding_window": (_INT, 1, True),
     "rope_theta": (_FLOAT, 0, False), "rms_norm_eps": (_FLOAT, 0, False), "qkv_bias": (_BOOL, None, False),
     "tie_word_embeddings": (_BOOL, None, False), "pe_rotary_dims": (_INT, None, True),
     "lr": (_FLOAT, 0, False), "end_lr": (_FLOAT, 0, False), "weight_decay": (_FLOAT, 0, False),

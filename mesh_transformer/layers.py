@@ -160,14 +160,32 @@ def read_slots(cache: LayerCache) -> int:
     return cache.slot + cache.mask.shape[-2] if isinstance(cache.slot, int) else cache.k.shape[-2]
 
 
+def resolve_attention_impl(attention_impl: str) -> str:
+    """The config's `attention_impl` with "auto" resolved for the backend tracing the model: "blocked" on CPU (where
+    it measured faster, BENCHMARKS.md "Training"), "xla" elsewhere."""
+    if attention_impl == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "xla"
+    return attention_impl
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.Array, positions: jax.Array,
-           cache: Optional[LayerCache], attention_impl: str = "xla", window: Optional[int] = None):
+           cache: Optional[LayerCache], attention_impl: str = "xla", window: Optional[int] = None,
+           block_size: int = 64):
     """The attention core every family shares. q [B, T, H, Dh]; the new tokens' k, v [B, T, Hkv, Dh] (after rotary).
 
-    Without a cache: causal attention over the new tokens. With one: their keys/values are written into it, then the
-    new tokens attend to the shared prefix (if any) and the cache's visible slots.
-    Returns (attention output [B, T, H, Dh], the cache's updated k, v [L, B, Hkv, S, Dh] or None, None)."""
+    Without a cache: causal attention over the new tokens (`attention_impl` "xla": the whole [T, T] square;
+    "blocked": query blocks of `block_size` rows over the keys on and below the diagonal, attention.py; "cudnn":
+    jax.nn.dot_product_attention's cuDNN kernel, without a sliding window; "auto": blocked on CPU, xla elsewhere).
+    With a cache (every implementation): their keys/values are written into it, then the new tokens attend to the
+    shared prefix (if any) and the cache's visible slots.
+    Returns (attention output [B, T, H, Dh], the cache's updated k, v ([L, B, Hkv, S, Dh], or this layer's own
+    [B, Hkv, S, Dh]) or None, None)."""
     if cache is None:
+        attention_impl = resolve_attention_impl(attention_impl)
+        if attention_impl == "blocked":
+            from .attention import blocked_attention  # attention.py imports NEG_INF from here
+
+            return blocked_attention(q, k, v, token_valid, positions, window, block_size), None, None
         if attention_impl == "cudnn" and window is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # [B, T, H, Dh]
             return out, None, None
@@ -213,11 +231,11 @@ class GPTJBlock(hk.Module):
     """One GPT-J layer: h = LN(x); x + Attn(h) + MLP(h) (parallel residual, one LayerNorm)."""
 
     def __init__(self, n_heads: int, d_head: int, d_ff: int, rotary_dims: int, n_layers: int,
-                 attention_impl: str = "xla", name: Optional[str] = None):
+                 attention_impl: str = "xla", attention_block_size: int = 64, name: Optional[str] = None):
         super().__init__(name=name)
         self.n_heads, self.d_head, self.d_ff = n_heads, d_head, d_ff
         self.rotary_dims, self.n_layers = rotary_dims, n_layers
-        self.attention_impl = attention_impl
+        self.attention_impl, self.attention_block_size = attention_impl, attention_block_size
 
     def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
                  cache: Optional[LayerCache] = None):
@@ -235,7 +253,8 @@ class GPTJBlock(hk.Module):
         q = apply_rotary(q, positions, self.rotary_dims)
         k = apply_rotary(k, positions, self.rotary_dims)
 
-        attn, cache_k, cache_v = attend(q, k, v, token_valid, positions, cache, self.attention_impl)
+        attn, cache_k, cache_v = attend(q, k, v, token_valid, positions, cache, self.attention_impl,
+                                        block_size=self.attention_block_size)
         attn_out = Dense(d, with_bias=False, w_init=out_init, name="out")(attn.reshape(b, t, inner))
 
         ff = Dense(self.d_ff, name="fc_in")(hidden)  # [B, T, F]

@@ -96,7 +96,7 @@ class LlamaBlock(hk.Module):
         inv_freq = inv_frequencies(dh, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         attn, cache_k, cache_v = attend(q, k, v, token_valid, positions, cache, cfg.attention_impl,
-                                        cfg.sliding_window)  # [B, T, H, Dh]
+                                        cfg.sliding_window, cfg.attention_block_size)  # [B, T, H, Dh]
         x = x + linear(d, "out")(attn.reshape(b, t, h * dh))
 
         hidden = rms_norm(x, cfg.rms_norm_eps, "ln_mlp")

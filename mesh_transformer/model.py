@@ -168,7 +168,8 @@ class CausalTransformer:
         if cfg.is_llama:
             return LlamaBlock(cfg, name="block")
         return GPTJBlock(cfg.n_heads, cfg.d_head, cfg.ffn_dim, cfg.rotary_dims, cfg.layers,
-                         attention_impl=cfg.attention_impl, name="block")
+                         attention_impl=cfg.attention_impl, attention_block_size=cfg.attention_block_size,
+                         name="block")
 
     # ----------------------------------------------------------------- public API
     def init(self, rng: jax.Array) -> Params:

@@ -42,11 +42,13 @@ FORCE_FLAGS = "--force-new (start over in this folder, deleting its outputs) or 
               "new settings)"
 
 # Config keys that do not change what a training run computes step by step: names, logging, paths, cadence of
-# checkpoints and validation, the run's length (extending total_steps continues the same run), the device layout.
+# checkpoints and validation, the run's length (extending total_steps continues the same run), the device layout,
+# and how the same math is scheduled (remat, scanned layers, the attention implementation and its block size: equal to
+# fp32 rounding, tests/test_attention.py; a folder started before attention_impl defaulted to "auto" still resumes).
 CONFIG_KEYS_NOT_IN_IDENTITY = frozenset({
     "name", "wandb_project", "comment", "bucket", "model_dir", "total_steps", "ckpt_every", "keep_every", "keep_n",
     "val_every", "val_batches", "val_set", "eval_harness_tasks", "tpu_size", "cores_per_replica", "remat",
-    "scan_layers", "target_save", "target_save_folder"})
+    "scan_layers", "attention_impl", "attention_block_size", "target_save", "target_save_folder"})
 
 
 class IdentityError(ValueError):
