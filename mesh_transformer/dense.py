@@ -34,7 +34,9 @@ def _bwd(res, g):
     if xf.shape[1] <= gf.shape[1]:  # transpose the smaller operand once, then a plain [in, N] x [N, out] matmul
         dw = jax.lax.optimization_barrier(xf.T) @ gf  # [in, out]
     else:
-        dw = (jax.lax.optimization_barrier(gf.T) @ xf).T  # [out, N] x [N, in] -> [in, out]
+        # [out, N] x [N, in] -> [out, in], then transposed; the barrier keeps XLA from folding that transpose back
+        # into the dot (which makes it the slow transposed-operand dot again)
+        dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(gf.T) @ xf).T
     return dx, dw.astype(w.dtype)
 
 
