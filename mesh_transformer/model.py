@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from .config import Config, load_config
 from .layers import Embedding, GPTJBlock, LayerCache, Projection
+from .sharding import is_stacked
 from .llama import LlamaBlock, LlamaEmbedding, LlamaProjection
 
 Params = Any  # a Haiku params dict
@@ -59,12 +60,9 @@ class PrefixKV(NamedTuple):
         return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
 
 
-STACKED = "layers/"  # module paths of the stacked layer leaves
-
-
 def layer_module(i: int, stacked_path: str) -> str:
     """The per-layer module path of layer i: layers/block/q -> layers_{i}/block/q."""
-    return f"layers_{i}/{stacked_path[len(STACKED):]}"
+    return f"layers_{i}/{stacked_path.split('/', 1)[1]}"
 
 
 def is_per_layer(params: Params) -> bool:
@@ -212,7 +210,7 @@ class CausalTransformer:
         """The per-layer form of stacked params (see the module docstring); other leaves are kept as they are."""
         out = {}
         for module, leaves in params.items():
-            if module.startswith(STACKED):
+            if is_stacked(module):
                 for i in range(self.config.layers):
                     out[layer_module(i, module)] = {name: leaf[i] for name, leaf in leaves.items()}
             else:

@@ -323,6 +323,37 @@ def _cqa_args(work, data: pathlib.Path, out: pathlib.Path) -> list:
             "--eval_batch_size", "8", "--gradient_accumulation_steps", "1", "--no-progress"]
 
 
+def test_commonsenseqa_slice_on_a_llama_hf_base(work, cqa_data):
+    """CommonsenseQA's real prompts through `--hf`: a tiny random Llama in an HF folder whose tokenizer.json (a
+    small BPE trained on the slice's prompts) encodes the few-shot prompt; nothing is kept, the run completes."""
+    from helpers import random_params, write_bpe_tokenizer
+    from mesh_transformer.config import load_config
+    from mesh_transformer.hf import save_hf
+    from mesh_transformer.model import CausalTransformer
+
+    folder = work["root"] / "llama_cqa_base"
+    cfg = load_config(dict(model_type="llama", layers=2, d_model=64, n_heads=4, n_kv_heads=2, n_vocab=512, d_ff=128,
+                           seq=CQA_SEQ, compute_dtype="float32"))
+    save_hf(cfg, random_params(CausalTransformer(cfg), seed=0, bias_scale=0.02), str(folder))
+    texts = [p.read_text() for p in (cqa_data / "commonsenseqa").glob("*")]
+    write_bpe_tokenizer(folder, texts, vocab_size=500)
+    keys = json.loads(pathlib.Path(work["cqa_cfg"]).read_text())
+    keys.pop("tokenizer")
+    config = work["root"] / "llama_cqa_keys.json"
+    config.write_text(json.dumps(keys))
+    out = work["root"] / "cqa_llama"
+    args = [a if a != work["base"] else str(folder) for a in _cqa_args(work, cqa_data, out)]
+    args[args.index("--base_model_location")] = "--hf"
+    args[args.index(work["cqa_cfg"])] = str(config)
+    proc = run_cli("iteration_train.py", args, _env(work))
+    check_ok(proc)
+    rows = _check_report(out, N_ITERS)
+    assert len(_lines(out / "iter_00" / "eval.jsonl")) == 8
+    assert all(rows[n]["train"]["n"] == 8 for n in range(1, N_ITERS + 1))
+    model = json.loads((out / "run_config.json").read_text())["model_config"]
+    assert model["model_type"] == "llama" and model["tokenizer"] == str(folder)
+
+
 def test_commonsenseqa_slice_end_to_end_skips_empty_iterations(work, cqa_data):
     out = work["root"] / "cqa_run"
     proc = run_cli("iteration_train.py", _cqa_args(work, cqa_data, out), _env(work))
