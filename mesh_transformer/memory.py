@@ -262,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--margin", type=float, default=0.1, help="share of device memory kept free (default 0.1)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    if args.no_train and not args.sample_batch:
+        p.error("--no-train leaves nothing to check: add --sample-batch N to check the sampler")
 
     from .config import load_config
     cfg = load_config(args.config)

@@ -63,3 +63,9 @@ def test_device_train_stops_before_a_step_that_does_not_fit(tmp_path):
     line = error_line(proc)
     assert "does not fit" in line and "train step" in line and "remat" in line
     assert not (tmp_path / "ckpt" / "meta.json").exists()
+
+
+def test_no_train_without_a_sampler_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--config", "tiny", "--no-train"])
+    assert e.value.code == 2 and "--sample-batch" in capsys.readouterr().err
