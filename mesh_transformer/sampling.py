@@ -457,21 +457,23 @@ class Sampler:
 
 
 def split_shared_prefix(tokenizer: Any, texts: Sequence[str], shared_prefix: Optional[str]):
-    """(prefix ids or None, each text's own ids) such that prefix + own == the text's full tokenization.
+    """(prefix ids or None, each text's own ids) such that prefix + own == the text's full tokenization (after the
+    tokenizer's BOS, when it has one: Llama 2/3 and Mistral prompts start with it, as HF's `tokenizer(text)` does).
 
     The prefix is the longest run of shared_prefix's tokens that every text's tokenization starts with: BPE may merge
     across the boundary (GPT-2 encodes a prefix ending in "\\n\\n" as one token, but "\\n\\nQ" as "\\n", "\\n", "Q"),
     and then the prefix gives back its last token(s) to the rows, so results equal those of the full texts."""
     texts = list(texts)
     rows = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
-    rows = [list(r) for r in rows]
+    bos = getattr(tokenizer, "bos_token_id", None)  # every prompt starts with it, as HF's tokenizer(text) does
+    rows = [([bos] if bos is not None else []) + list(r) for r in rows]
     if not shared_prefix:
         return None, rows
     bad = [i for i, t in enumerate(texts) if not t.startswith(shared_prefix)]
     if bad:
         raise ValueError(f"text {bad[0]} does not start with shared_prefix; pass texts that all begin with it "
                          f"(or shared_prefix=None)")
-    pids = list(tokenizer.encode(shared_prefix))
+    pids = ([bos] if bos is not None else []) + list(tokenizer.encode(shared_prefix))
     p = len(pids)
     for r in rows:
         p = min(p, _common_prefix(pids, r))

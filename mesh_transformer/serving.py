@@ -287,6 +287,9 @@ def make_app(engine: BatchEngine, model_name: str = "gptj", complete_max_tokens:
             ids = list(tok.encode(text))
         except Exception as e:  # e.g. a lone surrogate ("\ud800") has no UTF-8 form
             raise Untokenizable(f"the prompt cannot be tokenized ({type(e).__name__}: {e})") from None
+        bos = getattr(tok, "bos_token_id", None)  # Llama 2/3, Mistral: prompts start with BOS
+        if bos is not None:
+            return [bos] + ids
         return ids or [tok.eos_token_id]  # an empty prompt is conditioned on EOS
 
     @app.exception_handler(Untokenizable)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
@@ -52,6 +52,7 @@ class TokenizerError(ValueError):
 @runtime_checkable
 class Tokenizer(Protocol):
     eos_token_id: int  # 50256 for GPT-2, 256 for byte
+    bos_token_id: Optional[int]  # the token a prompt starts with (Llama 2/3, Mistral), None when there is none
     vocab_size: int  # ids in [0, vocab_size) are real tokens; model vocabs may be larger (padding)
     name: str  # "byte", or the folder / hub id the BPE came from
 
@@ -79,6 +80,7 @@ class ByteTokenizer:
 
     name = "byte"
     eos_token_id = 256
+    bos_token_id = None
     vocab_size = 257
 
     def encode(self, text: str) -> list[int]:
@@ -117,6 +119,12 @@ class HFTokenizer:
                                  f"(is vocab.json empty or not GPT-2's?); {HOW_TO_FIX}")
         self.eos_token_id = int(eos)
         self.hf.model_max_length = int(1e30)  # we chunk long documents ourselves; silence HF's length warning
+        # BOS as the tokenizer's own template adds it (Llama 2/3, Mistral: yes; GPT-2, Qwen2: no). encode() never
+        # adds it; the places that start a sequence (sampler prompts, STaR's training rows, the server) do.
+        plain = hf_tokenizer.encode("a", add_special_tokens=False)
+        templated = hf_tokenizer.encode("a", add_special_tokens=True)
+        bos = hf_tokenizer.bos_token_id
+        self.bos_token_id = int(bos) if bos is not None and templated == [bos] + plain else None
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)

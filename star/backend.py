@@ -40,8 +40,9 @@ def load_base_params(cfg: Config, location: str):
 
 def pack_examples(pairs: Sequence[tuple], tokenizer, seq: int, out_dir: str, name: str, seed: int = 10,
                   learn_context: bool = False) -> str:
-    """Tokenizes (context, completion) pairs as context + completion + EOS, with a loss mask of 1 on the completion
-    and EOS only, packs them into seq+1 rows and writes `{name}_{n}.tfrecords` + `{name}.index`.
+    """Tokenizes (context, completion) pairs as [BOS] + context + completion + EOS (BOS when the tokenizer has one,
+    as the sampler's prompts start with it), with a loss mask of 1 on the completion and EOS only, packs them into
+    seq+1 rows and writes `{name}_{n}.tfrecords` + `{name}.index`.
 
     The mask comes from the known context/completion boundary. The generic rule of create_finetune_tfrecords.py
     (learn what follows the last ':') would mask nearly all of an arithmetic scratchpad, whose lines hold `C: 1`.
@@ -51,8 +52,9 @@ def pack_examples(pairs: Sequence[tuple], tokenizer, seq: int, out_dir: str, nam
     from tfrecord_utils.records import TFRecordWriter, token_example, write_index
 
     docs, masks = [], []
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     for context, completion in pairs:
-        ctx, comp = tokenizer.encode(context), tokenizer.encode(completion)
+        ctx, comp = bos + tokenizer.encode(context), tokenizer.encode(completion)  # as the prompts start (sampler)
         docs.append(np.asarray(ctx + comp + [tokenizer.eos_token_id], np.int32))
         masks.append(np.asarray([int(learn_context)] * len(ctx) + [1] * (len(comp) + 1), np.int32))
     order = list(range(len(docs)))

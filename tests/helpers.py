@@ -88,17 +88,24 @@ def hf_greedy(hf_model, rows, n_new: int) -> np.ndarray:
     return out[:, t:].numpy()
 
 
-def write_bpe_tokenizer(folder, texts, vocab_size: int = 400) -> None:
+def write_bpe_tokenizer(folder, texts, vocab_size: int = 400, bos: bool = False) -> None:
     """A small byte-level BPE trained on `texts` (the `tokenizers` library), saved as a model folder's tokenizer
     files (tokenizer.json, tokenizer_config.json) with EOS `<|endoftext|>`, as Qwen2.5's and Llama 3's folders ship
-    theirs: every byte is encodable, so any text round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    theirs: every byte is encodable, so any text round-trips. bos: its template starts every text with `<s>`, as
+    Llama's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    specials = ["<|endoftext|>"] + (["<s>"] if bos else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    extra = {}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        extra = dict(bos_token="<s>")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", **extra).save_pretrained(str(folder))

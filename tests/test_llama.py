@@ -125,3 +125,43 @@ def test_decode_steps_match_full_forward(family):
         start = p_len + len(p) - 1
         want = ref[start:start + follow.shape[1] + 1]
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_prompts_start_with_the_tokenizers_bos_as_hf(tmp_path):
+    """A tokenizer whose template starts texts with BOS (Llama 2/3, Mistral): the sampler's text API and the STaR
+    packer put it first, so greedy completions equal HF `generate` on `tokenizer(texts)` (which adds it), with and
+    without a shared prefix; a tokenizer without BOS (Qwen2, GPT-2, byte) adds nothing."""
+    from helpers import write_bpe_tokenizer
+    from mesh_transformer.tokenizer import get_tokenizer
+    from star.backend import pack_examples
+
+    folder = tmp_path / "llama"
+    texts = ["Q: what is two plus three?\nA: five.\n", "Q: name a colour.\nA: blue.\n"] * 30
+    write_bpe_tokenizer(folder, texts, vocab_size=300, bos=True)
+    write_bpe_tokenizer(tmp_path / "plain", texts, vocab_size=300)
+    assert get_tokenizer(str(tmp_path / "plain")).bos_token_id is None
+    tok = get_tokenizer(str(folder))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert tok.bos_token_id == hf_tok.convert_tokens_to_ids("<s>")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 320},
+                                                                 num_key_value_heads=2)).eval()
+    hf.save_pretrained(str(folder))
+    cfg, params = load_hf(str(folder))
+    sampler = Sampler(CausalTransformer(cfg), params)
+    prefix = "Q: what is two plus three?\nA: five.\n"
+    prompts = [prefix + "Q: name a colour.\nA:", prefix + "Q: what is one plus one?\nA:"]
+    ref = [hf_tok.decode(row) for row in hf_greedy(hf, [hf_tok(p)["input_ids"] for p in prompts], N_NEW)]
+    assert all(hf_tok(p)["input_ids"][0] == tok.bos_token_id for p in prompts)
+    for shared in (None, prefix):
+        got = sampler.generate(prompts, tok, N_NEW, stop=(), shared_prefix=shared)
+        assert got == ref, (shared, got, ref)
+    # STaR's training rows: each example starts with BOS, which (as context) is not learned
+    from tfrecord_utils.records import parse_token_example, read_tfrecord
+    pack_examples([("Q: a?\nA:", " b.")] * 40, tok, 15, str(tmp_path / "records"), "train")
+    ctx, comp = tok.encode("Q: a?\nA:"), tok.encode(" b.")
+    example = [tok.bos_token_id] + ctx + comp + [tok.eos_token_id]
+    record = next(iter(sorted((tmp_path / "records").glob("*.tfrecords"))))
+    tokens, mask = parse_token_example(next(read_tfrecord(record)))
+    assert list(tokens[:len(example)]) == example
+    assert list(mask[:len(example)]) == [0] * (1 + len(ctx)) + [1] * (len(comp) + 1)
