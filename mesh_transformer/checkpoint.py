@@ -388,8 +388,8 @@ def save_checkpoint(path: str, state: Any, step: int, cfg: Config, shards: Optio
                       if m and int(m.group(1)) > newest and int(m.group(1)) not in listed}
         for s in sorted(stale):
             _rmtree(_join(path, f"step_{s}"))
-        for s in range(shards):
-            _makedirs(step_dir if hf_format else _join(step_dir, f"shard_{s}"))
+        for folder in ([step_dir] if hf_format else [_join(step_dir, f"shard_{s}") for s in range(shards)]):
+            _makedirs(folder)
 
     # 2. every file of step N
     if hf_format:
