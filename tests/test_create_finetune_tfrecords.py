@@ -239,3 +239,20 @@ def test_cli_errors(tmp_path):
     out = _cli(tmp_path / "bad", "x", "--output-dir", tmp_path / "out", "--tokenizer", "byte")
     assert out.returncode == 1 and f"{tmp_path / 'bad' / 'a.jsonl'}, line 3: not valid JSON" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_documents_start_with_bos_for_a_tokenizer_that_has_one(tmp_path):
+    """Llama 2/3 / Mistral tokenizers: each document is BOS + text + EOS, BOS unlearned in completion mode; a
+    tokenizer without BOS (byte, GPT-2) is unchanged."""
+    from helpers import write_bpe_tokenizer
+    from mesh_transformer.tokenizer import get_tokenizer
+    from tfrecord_utils.build import tokenize_documents
+
+    write_bpe_tokenizer(tmp_path / "tok", ["Q: two plus two?\nA: four."] * 20, vocab_size=300, bos=True)
+    tok = get_tokenizer(str(tmp_path / "tok"))
+    docs = tokenize_documents(["Q: two plus two?\nA: four."], tok, loss_mask="completion")
+    ids = tok.encode("Q: two plus two?\nA: four.")
+    assert list(docs.tokens[0]) == [tok.bos_token_id] + ids + [tok.eos_token_id]
+    assert docs.masks[0][0] == 0 and docs.masks[0][-1] == 1 and len(docs.masks[0]) == len(docs.tokens[0])
+    plain = tokenize_documents(["abc"], get_tokenizer("byte"))
+    assert list(plain.tokens[0]) == [97, 98, 99, 256]

@@ -198,7 +198,8 @@ def completion_mask(text: str, tokens: Sequence[int], tokenizer) -> np.ndarray:
 
 @dataclass
 class Documents:
-    """Tokenized documents, each ending with EOS; masks[i] is None unless a loss mask was asked for."""
+    """Tokenized documents, each ending with EOS (and starting with BOS for tokenizers that have one); masks[i] is
+    None unless a loss mask was asked for."""
     tokens: list[np.ndarray] = field(default_factory=list)  # int32 [len_i]
     masks: list[Optional[np.ndarray]] = field(default_factory=list)  # int32 [len_i] or None
     n_without_colon: int = 0
@@ -207,11 +208,14 @@ class Documents:
 
 def tokenize_documents(texts: Sequence[str], tokenizer, loss_mask: str = "none", min_unique_tokens: int = 0,
                        verbose: bool = False, out: Optional[Documents] = None) -> Documents:
-    """Tokenize documents (+ EOS each), drop those with < min_unique_tokens distinct tokens, add loss masks."""
+    """Tokenize documents ([BOS] + text + EOS each, BOS when the tokenizer's template has one), drop those with <
+    min_unique_tokens distinct tokens, add loss masks."""
     if loss_mask not in LOSS_MASK_MODES:
         raise ValueError(f"loss_mask must be one of {LOSS_MASK_MODES}, got {loss_mask!r}")
     docs = out if out is not None else Documents()
     eos = tokenizer.eos_token_id
+    bos = getattr(tokenizer, "bos_token_id", None)  # Llama 2/3, Mistral: each document starts with BOS (unlearned)
+    head = [] if bos is None else [bos]
     for start in range(0, len(texts), TOKENIZE_BATCH):
         batch = list(texts[start:start + TOKENIZE_BATCH])
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
@@ -220,10 +224,11 @@ def tokenize_documents(texts: Sequence[str], tokenizer, loss_mask: str = "none",
                 if verbose:
                     log.info("excluding a document with %d unique tokens: %r", len(set(ids)), text[:1000])
                 continue
-            docs.tokens.append(np.asarray(list(ids) + [eos], dtype=np.int32))
+            docs.tokens.append(np.asarray(head + list(ids) + [eos], dtype=np.int32))
             if loss_mask == "completion":
                 docs.n_without_colon += ":" not in text
-                docs.masks.append(np.append(completion_mask(text, ids, tokenizer), np.int32(1)))  # EOS is learned
+                mask = np.append(completion_mask(text, ids, tokenizer), np.int32(1))  # EOS is learned
+                docs.masks.append(np.concatenate([np.zeros(len(head), np.int32), mask]))
             else:
                 docs.masks.append(None)
     return docs
