@@ -155,6 +155,22 @@ def test_wrong_model_and_damaged_files_are_named(family, tmp_path):
         ckpt.load_checkpoint(str(out), cfg, step=2)
 
 
+def test_recover_meta_finds_the_complete_hf_steps(family, tmp_path):
+    """--recover-meta (run_identity.recover_meta) on a Llama-family folder whose meta.json is lost: the complete HF
+    steps are named again, a step without its config.json (a crashed save) is not."""
+    from mesh_transformer import run_identity
+    _, _, cfg, state = family
+    out = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(str(out), state, step, cfg)
+    (out / "meta.json").unlink()
+    (out / "step_3" / "config.json").unlink()  # as a save killed before its last file
+    assert run_identity.recover_meta(str(out), cfg) == [1, 2]
+    params, _, step, _ = ckpt.load_checkpoint(str(out), cfg)
+    assert step == 2
+    _assert_same(params, state.params)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # device_train.py --hf: killed in the middle of a checkpoint, rerun, resumed bit-exactly
 # ---------------------------------------------------------------------------------------------------------------
