@@ -157,6 +157,20 @@ def _create_local(path: str, holder: dict) -> bool:
     return True
 
 
+def _wait_for_holder(path: str, timeout_s: float = 1.0) -> dict:
+    """The holder info of a lock file found empty: its creator writes it right after creating the file, so wait for
+    that (up to timeout_s) to name the holder in the error; {} if it stays empty or goes away."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(0.01)
+        if not os.path.exists(path):
+            return {}
+        holder = _read_local(path)
+        if holder:
+            return holder
+    return {}
+
+
 def _break_local(path: str, seen: dict) -> None:
     """Removes a stale lock, unless another process broke (and maybe re-took) it meanwhile."""
     guard = path + ".break"
@@ -191,7 +205,7 @@ def _acquire_local(folder: str, path: str, owner: str, what: str) -> RunLock:
             raise LockError(f"cannot write the lock file {path}: {e.strerror or e}; the {what} must be writable")
         if created:
             return RunLock(folder, path, holder)
-        seen = _read_local(path)
+        seen = _read_local(path) or _wait_for_holder(path)
         if not seen:  # its creator is between creating and writing it, or was killed right there
             try:
                 young = time.time() - os.path.getmtime(path) < _EMPTY_STALE_AFTER_S
