@@ -242,4 +242,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from mesh_transformer.host_malloc import reexec_with_hugepages
+
+    reexec_with_hugepages()  # before jax: huge pages for XLA:CPU's buffers
     main()
