@@ -62,8 +62,8 @@ def reexec_with_hugepages() -> None:
     """Replaces this process by the same command with the tunable set, or returns at once when there is nothing to
     do (or the exec fails: the tool then runs as it is). Call it first thing in a script's `__main__` block."""
     env = hugepage_env(dict(os.environ))
-    if env is None or not getattr(sys, "orig_argv", None):
-        return
+    if env is None or not getattr(sys, "orig_argv", None) or sys.argv[0] in ("-", ""):
+        return  # (a script read from stdin cannot be read again)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
