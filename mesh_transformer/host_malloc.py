@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from typing import Mapping
 
 OPT_OUT_ENV = "MTJ_HUGEPAGE_MALLOC"
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -46,12 +47,17 @@ def _thp_possible() -> bool:
         return False
 
 
-def hugepage_env(environ: dict) -> dict | None:
+def hugepages_possible() -> bool:
+    """Whether the tunable can take effect on this machine (Linux, glibc >= 2.35, huge pages not `never`)."""
+    return _glibc_supports_tunable() and _thp_possible()
+
+
+def hugepage_env(environ: Mapping[str, str]) -> dict | None:
     """The environment to re-execute with, or None when there is nothing to do (see the module docstring)."""
     if environ.get(OPT_OUT_ENV, "1") in ("0", "false", "no"):
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or not _glibc_supports_tunable() or not _thp_possible():
+    if "glibc.malloc.hugetlb" in tunables or not hugepages_possible():
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
@@ -61,7 +67,7 @@ def hugepage_env(environ: dict) -> dict | None:
 def reexec_with_hugepages() -> None:
     """Replaces this process by the same command with the tunable set, or returns at once when there is nothing to
     do (or the exec fails: the tool then runs as it is). Call it first thing in a script's `__main__` block."""
-    env = hugepage_env(dict(os.environ))
+    env = hugepage_env(os.environ)
     if env is None or not getattr(sys, "orig_argv", None) or sys.argv[0] in ("-", ""):
         return  # (a script read from stdin cannot be read again)
     sys.stdout.flush()

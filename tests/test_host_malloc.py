@@ -9,12 +9,12 @@ import pytest
 from mesh_transformer import host_malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_tunable = pytest.mark.skipif(not (host_malloc._glibc_supports_tunable() and host_malloc._thp_possible()),
+needs_tunable = pytest.mark.skipif(not host_malloc.hugepages_possible(),
                                    reason="needs Linux, glibc >= 2.35 and transparent huge pages not 'never'")
 
 
 def test_env_adds_the_tunable_once_and_keeps_other_tunables():
-    if not (host_malloc._glibc_supports_tunable() and host_malloc._thp_possible()):
+    if not host_malloc.hugepages_possible():
         assert host_malloc.hugepage_env({}) is None
         return
     assert host_malloc.hugepage_env({})["GLIBC_TUNABLES"] == host_malloc.TUNABLE
