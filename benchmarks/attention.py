@@ -82,7 +82,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mesh_transformer.host_malloc import reexec_with_hugepages
+    from mesh_transformer.host_malloc import reexec_with_malloc_tunables
 
-    reexec_with_hugepages()  # before jax: huge pages for XLA:CPU's buffers
+    reexec_with_malloc_tunables()  # before jax: malloc tunables for XLA:CPU (host_malloc.py)
     main()

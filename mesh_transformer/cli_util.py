@@ -124,12 +124,12 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
     """Calls main(argv); returns its exit code, or 1 after printing `error: <message>` for a user error.
 
     Run as a script (`run_main(main)` from its `__main__` block, argv None), the process first re-executes itself
-    with huge pages for host memory (host_malloc.py: ~1.3x faster XLA:CPU steps); called with an argv (tests, other
-    code) it never does."""
+    with glibc malloc tunables that keep XLA:CPU's per-run buffers mapped (host_malloc.py: ~1.3x faster CPU steps);
+    called with an argv (tests, other code) it never does."""
     if argv is None and getattr(main, "__module__", None) == "__main__":
-        from .host_malloc import reexec_with_hugepages
+        from .host_malloc import reexec_with_malloc_tunables
 
-        reexec_with_hugepages()
+        reexec_with_malloc_tunables()
     try:
         return int(main(argv) or 0)
     except Exception as e:
