@@ -87,12 +87,17 @@ def _core_fwd(qh, kh, vh, token_valid, positions, window, block):
 
 def _core_bwd(window, block, res, dout):
     """Per query block: recompute p, then dS = p * (dP - rowsum(dO * O)) (the softmax backward), dQ = dS K,
-    dK += dS^T Q, dV += p^T dO; keys past the block get nothing (p is exactly 0 there, as in the square)."""
+    dK += dS^T Q, dV += p^T dO; keys past the block get nothing (p is exactly 0 there, as in the square).
+
+    dK and dV are accumulated transposed, [B, Hkv, Dh, T], as Q^T dS and dO^T p: a matmul that contracts the rows of
+    both operands is one XLA:CPU's fast (YNNPACK) path does not take, and the transposes of Q and dO are small."""
     qh, kh, vh, token_valid, positions, out = res
     scale = 1.0 / math.sqrt(qh.shape[-1])
     b, hkv, g, t, dh = qh.shape
-    dk = jnp.zeros(kh.shape, jnp.float32)  # [B, Hkv, T, Dh]
-    dv = jnp.zeros(vh.shape, jnp.float32)  # [B, Hkv, T, Dh]
+    q_t = qh.transpose(0, 1, 4, 2, 3)  # [B, Hkv, Dh, G, T]
+    do_t = dout.transpose(0, 1, 4, 2, 3)  # [B, Hkv, Dh, G, T]
+    dk_t = jnp.zeros((b, hkv, dh, t), jnp.float32)  # [B, Hkv, Dh, T]
+    dv_t = jnp.zeros((b, hkv, dh, t), jnp.float32)  # [B, Hkv, Dh, T]
     dqs = []
     for start, stop in _blocks(t, block):
         qb = qh[:, :, :, start:stop]  # [B, Hkv, G, Q, Dh]
@@ -104,14 +109,17 @@ def _core_bwd(window, block, res, dout):
                         preferred_element_type=jnp.float32).reshape(p.shape)  # [B, Hkv, G, Q, S]
         delta = jnp.sum(do.astype(jnp.float32) * out[:, :, :, start:stop].astype(jnp.float32), axis=-1,
                         keepdims=True)  # [B, Hkv, G, Q, 1]
-        ds = (p * (dp - delta) * scale).reshape(b, hkv, n, stop)  # [B, Hkv, G*Q, S]
+        ds = (p * (dp - delta)).reshape(b, hkv, n, stop)  # [B, Hkv, G*Q, S], dS / scale
         dqs.append(jnp.einsum("bkms,bksd->bkmd", ds.astype(k.dtype), k,
-                              preferred_element_type=jnp.float32).reshape(b, hkv, g, stop - start, dh))
-        dk = dk.at[:, :, :stop].add(jnp.einsum("bkms,bkmd->bksd", ds.astype(qb.dtype), qb.reshape(b, hkv, n, dh),
-                                               preferred_element_type=jnp.float32))
-        dv = dv.at[:, :, :stop].add(jnp.einsum("bkms,bkmd->bksd", p.reshape(b, hkv, n, stop).astype(do.dtype),
-                                               do.reshape(b, hkv, n, dh), preferred_element_type=jnp.float32))
+                              preferred_element_type=jnp.float32).reshape(b, hkv, g, stop - start, dh) * scale)
+        qb_t = q_t[..., start:stop].reshape(b, hkv, dh, n)  # [B, Hkv, Dh, G*Q]
+        do_bt = do_t[..., start:stop].reshape(b, hkv, dh, n)  # [B, Hkv, Dh, G*Q]
+        dk_t = dk_t.at[..., :stop].add(jnp.einsum("bkdm,bkms->bkds", qb_t, ds.astype(qb.dtype),
+                                                  preferred_element_type=jnp.float32))
+        dv_t = dv_t.at[..., :stop].add(jnp.einsum("bkdm,bkms->bkds", do_bt, p.reshape(b, hkv, n, stop).astype(
+            do.dtype), preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dqs, axis=3)  # [B, Hkv, G, T, Dh]
+    dk, dv = (dk_t * scale).transpose(0, 1, 3, 2), dv_t.transpose(0, 1, 3, 2)  # [B, Hkv, T, Dh]
     return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
@@ -129,6 +137,9 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax
     g = h // hkv
     qh = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    # Materialise q, k, v once: without the barrier XLA:CPU fuses their producers (the rotary embedding) into every
+    # block's slice of them and computes them again per block (BENCHMARKS.md, "Training").
+    qh, kh, vh = jax.lax.optimization_barrier((qh, kh, vh))
     if custom_vjp:
         out = _blocked_core(qh, kh, vh, token_valid, positions, window, block)  # [B, Hkv, G, T, Dh]
     else:
