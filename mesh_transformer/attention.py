@@ -137,9 +137,6 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax
     g = h // hkv
     qh = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
-    # Materialise q, k, v once: without the barrier XLA:CPU fuses their producers (the rotary embedding) into every
-    # block's slice of them and computes them again per block (BENCHMARKS.md, "Training").
-    qh, kh, vh = jax.lax.optimization_barrier((qh, kh, vh))
     if custom_vjp:
         out = _blocked_core(qh, kh, vh, token_valid, positions, window, block)  # [B, Hkv, G, T, Dh]
     else:
