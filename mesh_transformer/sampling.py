@@ -15,7 +15,7 @@ Design
     reads each (row, head)'s keys contiguously ([L, B, S, H, Dh] made XLA transpose the cache every step: 16x slower
     decode attention on CPU). The model writes each layer's new keys inside attention, before reading them, so the
     write is in place and needs no ordering trick.
-  * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 to 32, multiples of 32 to 256, then
+  * Prompts are LEFT-padded to a bucket length (`bucket_length`: powers of 2 to 32, multiples of 16 to 256, then
     of 64), so the last prompt token of every row sits at index Tp-1 and compiles stay few. A row's positions
     count from 0 (from P with a shared prefix) after its padding; pads have token_valid False and are never
     attended to.
@@ -206,12 +206,13 @@ def _generate_impl(model: CausalTransformer, mesh: Mesh, max_new: int, params, p
 
 
 def bucket_length(n: int) -> int:
-    """Padded prompt length for n tokens: powers of two from 8 to 32, multiples of 32 to 256, then of 64
-    (a few compiled shapes, at most ~25% padding past 32 tokens)."""
+    """Padded prompt length for n tokens: powers of two from 8 to 32, multiples of 16 to 256, then of 64 (a few
+    compiled shapes; at most 15 padding tokens up to 256: a prefill computes every padded slot, so at the sampler
+    benchmark's 80-token prompts multiples of 32 cost 20% more prefill work, BENCHMARKS.md "Sampling")."""
     if n <= 32:
         return max(8, 1 << max(n - 1, 0).bit_length())
     if n <= 256:
-        return -(-n // 32) * 32
+        return -(-n // 16) * 16
     return -(-n // 64) * 64
 
 
