@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import random
+import socket
 import subprocess
 import sys
 from typing import Optional, Sequence
@@ -98,3 +99,15 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 def read_metrics(path) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def metrics_subset(metrics: list, keys: Sequence[str]) -> list:
+    """Each metrics record cut down to `keys` (those it has): what two runs that should agree are compared on."""
+    return [{k: m[k] for k in keys if k in m} for m in metrics]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server or coordinator a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,24 +6,17 @@ import contextlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from cli_helpers import REPO, TINY, cli_env
+from cli_helpers import REPO, TINY, cli_env, free_port
 
 DIST_TINY = {**TINY, "n_heads": 8}  # d_head 8; 8 divides n_heads, n_vocab (264), d_ff (256) and d_model
 DIST_TRAIN = dict(gradient_accumulation_steps=2, warmup_steps=2, anneal_steps=20, lr=3e-3, end_lr=3e-4,
                   weight_decay=0.1)
 GLOBAL_BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

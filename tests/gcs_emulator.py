@@ -17,13 +17,9 @@ import uuid
 
 import pytest
 
+from cli_helpers import free_port
+
 START_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +30,7 @@ def gcs_emulator():
         from google.cloud import storage  # noqa: F401
     except ImportError as e:
         pytest.skip(f"gcp-storage-emulator / google-cloud-storage not installed ({e})")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
            "--in-memory", "--quiet", "--default-bucket", "default-bucket"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

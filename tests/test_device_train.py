@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from cli_helpers import (TINY, TRAIN_KEYS, check_ok, cli_env, error_line, make_dataset, read_metrics, run_cli,
-                         write_config, xla_cache_dir)
+from cli_helpers import (TINY, TRAIN_KEYS, check_ok, cli_env, error_line, make_dataset, metrics_subset, read_metrics,
+                         run_cli, write_config, xla_cache_dir)
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 from mesh_transformer import checkpoint as ckpt
 from mesh_transformer.config import load_config
@@ -55,10 +55,6 @@ def run_a(work) -> dict:
     config = write_config(folder / "config.json", **work["keys"], model_dir=str(folder / "ckpt"))
     check_ok(_train(work, config))
     return {"config": config, "ckpt": str(folder / "ckpt"), "metrics": read_metrics(folder / "ckpt" / "metrics.jsonl")}
-
-
-def _compared(metrics: list) -> list:
-    return [{k: m[k] for k in COMPARED if k in m} for m in metrics]
 
 
 def _assert_same_state(path_a: str, path_b: str, cfg) -> None:
@@ -116,7 +112,7 @@ def test_crash_mid_checkpoint_resumes_exactly(work, run_a):
     check_ok(_train(work, config))  # the same command again
     metrics = read_metrics(ckpt_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # no duplicate lines
-    assert _compared(metrics) == _compared(run_a["metrics"])  # bit-exact on CPU
+    assert metrics_subset(metrics, COMPARED) == metrics_subset(run_a["metrics"], COMPARED)  # bit-exact on CPU
     assert json.loads((ckpt_dir / "meta.json").read_text())["checkpoints"] == [8, 12]
     _assert_same_state(run_a["ckpt"], str(ckpt_dir), load_config(config))
 
@@ -132,7 +128,7 @@ def test_crash_resume_with_checkpoints_on_gcs(work, run_a, gcs_bucket, tmp_path)
     metrics_path = tmp_path / "logs" / "tiny_run.metrics.jsonl"  # gs:// runs log metrics under ./logs
     metrics = read_metrics(metrics_path)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    assert _compared(metrics) == _compared(run_a["metrics"])
+    assert metrics_subset(metrics, COMPARED) == metrics_subset(run_a["metrics"], COMPARED)
     _assert_same_state(run_a["ckpt"], url, load_config(config))
 
 

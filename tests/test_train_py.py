@@ -10,7 +10,6 @@ resource twice), each a device_train.py process with 4 CPU devices on one (2,4) 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -22,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from cli_helpers import REPO, cli_env, make_dataset, read_metrics, write_config, xla_cache_dir
-from dist_helpers import DIST_TINY, DIST_TRAIN, GLOBAL_BATCH, free_port, kill_group
+from cli_helpers import REPO, cli_env, free_port, make_dataset, read_metrics, write_config, xla_cache_dir
+from dist_helpers import DIST_TINY, DIST_TRAIN, GLOBAL_BATCH, kill_group
 from mesh_transformer import checkpoint as ckpt
 from mesh_transformer.config import load_config
 
