@@ -35,8 +35,8 @@ TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_max": "0",
 
 
 def tunables_possible() -> bool:
-    """Whether glibc reads the tunables here: Linux with glibc 2.35 or newer (older ones lack glibc.malloc.hugetlb,
-    and a re-exec for the rest is not worth the risk of a glibc that predates the names)."""
+    """Whether glibc reads the tunables here: Linux with glibc 2.35 or newer (the first with glibc.malloc.hugetlb;
+    one condition for all four keeps the re-exec predictable)."""
     if sys.platform != "linux":
         return False
     lib, version = platform.libc_ver()
