@@ -41,9 +41,13 @@ def _script(tmp_path, body):
     return path
 
 
+def _bare_environ() -> dict:
+    """This process's environment without the tunables or the opt-out (the subprocess decides for itself)."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_ENV)}
+
+
 def _run(path, *args, **env):
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_ENV)}
-    return subprocess.run([sys.executable, "-u", str(path), *args], env={**environ, **env}, capture_output=True,
+    return subprocess.run([sys.executable, "-u", str(path), *args], env={**_bare_environ(), **env}, capture_output=True,
                           text=True, timeout=60, check=True).stdout.split()
 
 
@@ -77,10 +81,9 @@ def test_the_tunables_keep_a_freed_big_block_mapped(tmp_path):
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         print(max(faults[1:]))  # the steps after the first
     """))
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_ENV)}
 
     def faults(tunables):
-        env = {**environ, **({"GLIBC_TUNABLES": tunables} if tunables else {})}
+        env = {**_bare_environ(), **({"GLIBC_TUNABLES": tunables} if tunables else {})}
         return int(subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=60,
                                   check=True).stdout)
 
