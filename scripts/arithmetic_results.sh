@@ -27,7 +27,7 @@ RUNS=(
 run_one() {
   local label=$1 flags=$2; shift 2
   # one core per run: two single-threaded runs finish sooner than two runs sharing both cores
-  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false" \
     $PY iteration_train.py --no-progress --out-dir "$OUT/$label" $flags "$@" > "$OUT/$label.log" 2>&1 \
     && echo "done: $label" || { echo "FAILED: $label (see $OUT/$label.log)"; return 1; }
 }

@@ -22,7 +22,7 @@ STAGE1=${STAGE1:-$WORK/stage1}
 STAGE2=${STAGE2:-$WORK/stage2}
 PY=${PYTHON:-python}
 if [ -z "${PIN+x}" ]; then PIN=$(command -v taskset >/dev/null && echo "taskset -c 0" || true); fi
-export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1}"
+export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=false}"
 if [ -f "$STAGE2/meta.json" ]; then
   echo "stage 2: reusing $STAGE2"
 else
