@@ -64,6 +64,14 @@ def _pv(p: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(b, hkv, g, q, -1)
 
 
+def _computed_once(x: jax.Array) -> jax.Array:
+    """x, bit for bit (x / 1.0), but computed once. Every query block slices q and k, and XLA:CPU fuses a cheap
+    producer such as the rotary embedding into each slice, recomputing it per block; it does not duplicate a
+    division, so dividing by a 1.0 it cannot fold (behind an optimization barrier) makes it compute the rotary once
+    and slice the result. Measured: ~7 ms of a ~350 ms demo training step (BENCHMARKS.md, "Training")."""
+    return x / jax.lax.optimization_barrier(jnp.ones((), x.dtype))
+
+
 def _forward(qh, kh, vh, token_valid, positions, window, block):
     """float32 [B, Hkv, G, T, Dh] attention output of rows that see at least one key (other rows: garbage, replaced
     by the caller). qh [B, Hkv, G, T, Dh]; kh, vh [B, Hkv, T, Dh]."""
@@ -137,6 +145,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax
     g = h // hkv
     qh = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    qh, kh = _computed_once(qh), _computed_once(kh)  # the rotary embedding of q and k, once (not per block)
     if custom_vjp:
         out = _blocked_core(qh, kh, vh, token_valid, positions, window, block)  # [B, Hkv, G, T, Dh]
     else:
