@@ -98,12 +98,11 @@ def _core_bwd(window, block, res, dout):
     dK += dS^T Q, dV += p^T dO; keys past the block get nothing (p is exactly 0 there, as in the square).
 
     dK and dV are accumulated transposed, [B, Hkv, Dh, T], as Q^T dS and dO^T p: a matmul that contracts the rows of
-    both operands is one XLA:CPU's fast (YNNPACK) path does not take, and the transposes of Q and dO are small."""
+    both operands is one XLA:CPU's fast (YNNPACK) path does not take, and each block transposes its own (small)
+    slices of Q and dO."""
     qh, kh, vh, token_valid, positions, out = res
     scale = 1.0 / math.sqrt(qh.shape[-1])
     b, hkv, g, t, dh = qh.shape
-    q_t = qh.transpose(0, 1, 4, 2, 3)  # [B, Hkv, Dh, G, T]
-    do_t = dout.transpose(0, 1, 4, 2, 3)  # [B, Hkv, Dh, G, T]
     dk_t = jnp.zeros((b, hkv, dh, t), jnp.float32)  # [B, Hkv, Dh, T]
     dv_t = jnp.zeros((b, hkv, dh, t), jnp.float32)  # [B, Hkv, Dh, T]
     dqs = []
@@ -120,8 +119,8 @@ def _core_bwd(window, block, res, dout):
         ds = (p * (dp - delta)).reshape(b, hkv, n, stop)  # [B, Hkv, G*Q, S], dS / scale
         dqs.append(jnp.einsum("bkms,bksd->bkmd", ds.astype(k.dtype), k,
                               preferred_element_type=jnp.float32).reshape(b, hkv, g, stop - start, dh) * scale)
-        qb_t = q_t[..., start:stop].reshape(b, hkv, dh, n)  # [B, Hkv, Dh, G*Q]
-        do_bt = do_t[..., start:stop].reshape(b, hkv, dh, n)  # [B, Hkv, Dh, G*Q]
+        qb_t = qb.transpose(0, 1, 4, 2, 3).reshape(b, hkv, dh, n)  # [B, Hkv, Dh, G*Q]
+        do_bt = do.transpose(0, 1, 4, 2, 3).reshape(b, hkv, dh, n)  # [B, Hkv, Dh, G*Q]
         dk_t = dk_t.at[..., :stop].add(jnp.einsum("bkdm,bkms->bkds", qb_t, ds.astype(qb.dtype),
                                                   preferred_element_type=jnp.float32))
         dv_t = dv_t.at[..., :stop].add(jnp.einsum("bkdm,bkms->bkds", do_bt, p.reshape(b, hkv, n, stop).astype(
