@@ -57,7 +57,8 @@ def _probs(qb: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _pv(p: jax.Array, v: jax.Array) -> jax.Array:
     """p [B, Hkv, G, Q, S] times v [B, Hkv, S, Dh] -> float32 [B, Hkv, G, Q, Dh]; groups and rows merged into one
-    matmul dimension (the 5-d bf16 einsum with a float32 result is one XLA's CPU runtime rejects, layers._row_values)."""
+    matmul dimension (the 5-d bf16 einsum with a float32 result is one XLA's CPU runtime rejects,
+    layers._row_values)."""
     b, hkv, g, q, s = p.shape
     out = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype).reshape(b, hkv, g * q, s), v,
                      preferred_element_type=jnp.float32)  # [B, Hkv, G*Q, Dh]
