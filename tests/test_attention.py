@@ -113,3 +113,18 @@ def test_auto_is_blocked_on_cpu_block_size_is_validated_and_neither_is_in_run_id
         load_config(dict(GPTJ, attention_impl="flash"))
     # the same math to fp32 rounding: a run folder resumes across implementations (as across remat policies)
     assert not {"attention_impl", "attention_block_size"} & set(config_fields(load_config(GPTJ)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_computed_once_is_the_identity_bit_for_bit_and_in_its_gradient(dtype):
+    """`_computed_once` divides by a 1.0 XLA cannot fold (to stop it recomputing the rotary per block): the values,
+    -0.0, infinities and NaN come back unchanged, compiled, and the cotangent passes through unchanged too."""
+    from mesh_transformer.attention import _computed_once
+
+    x = jnp.asarray([0.0, -0.0, 1.5, -3.25e-3, 6.5e4, 1e-30, np.inf, -np.inf, np.nan], dtype)
+    got = jax.jit(_computed_once)(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32)),
+                                  np.asarray(x.view(jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32)))
+    g = jnp.asarray(np.linspace(-2, 2, x.size), dtype)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vjp(_computed_once, x)[1])(g)[0]), np.asarray(g))
