@@ -124,7 +124,7 @@ def test_computed_once_is_the_identity_bit_for_bit_and_in_its_gradient(dtype):
     x = jnp.asarray([0.0, -0.0, 1.5, -3.25e-3, 6.5e4, 1e-30, np.inf, -np.inf, np.nan], dtype)
     got = jax.jit(_computed_once)(x)
     assert got.dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32)),
-                                  np.asarray(x.view(jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32)))
+    bits = jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32  # compared as bit patterns: -0.0 and NaN included
+    np.testing.assert_array_equal(np.asarray(got.view(bits)), np.asarray(x.view(bits)))
     g = jnp.asarray(np.linspace(-2, 2, x.size), dtype)
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vjp(_computed_once, x)[1])(g)[0]), np.asarray(g))
