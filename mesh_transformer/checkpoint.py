@@ -54,6 +54,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 import zipfile
 import zlib
@@ -69,6 +70,11 @@ from . import mtj_layout as L
 from .config import Config
 
 log = logging.getLogger(__name__)
+# np.load parses each .npy header with ast.literal_eval, and CPython 3.11's AST constructor keeps its recursion depth
+# per interpreter, not per thread: with _read_npz running in a pool of threads (one per shard), a clean-clone test run
+# failed once with "SystemError: AST constructor recursion depth mismatch" (see python/cpython#106905). So the
+# npz reads take turns; a gs:// file's download, before it, still runs in parallel.
+_NPZ_READ_LOCK = threading.Lock()
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 CRASH_ENV = "STAR_TEST_CRASH_AT_STEP"  # test hook, see the module docstring
@@ -217,7 +223,7 @@ def _read_npz(path: str, indices: List[int]) -> Dict[int, np.ndarray]:
                 source = io.BytesIO(f.read())
         else:
             source = path
-        with np.load(source, allow_pickle=False) as npz:
+        with _NPZ_READ_LOCK, np.load(source, allow_pickle=False) as npz:
             return {i: _fix_dtype(npz[f"arr_{i}"]) for i in indices}
     except KeyError:
         raise
